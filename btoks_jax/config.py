@@ -25,7 +25,7 @@ class VisionConfig:
     embed_dim: int = 1280
     hidden_size: int = 1536  # output width of the PatchMerger (= the language model's hidden size)
     hidden_act: str = "quick_gelu"
-    mlp_ratio: float = 4
+    mlp_ratio: int = 4
     num_heads: int = 16
     in_channels: int = 3
     patch_size: int = 14
@@ -232,7 +232,7 @@ def tiny_config(vocab_size: int = 151936, tie_word_embeddings: bool = True, **ru
             depth=2,
             embed_dim=40,
             hidden_size=48,
-            mlp_ratio=1.5,
+            mlp_ratio=2,
             num_heads=2,
         ),
         tie_word_embeddings=tie_word_embeddings,
