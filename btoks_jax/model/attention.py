@@ -41,3 +41,10 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, s
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)  # [B, T, K, G, H]
     return out.reshape(b, t, n, h)
+
+
+def splash_attention(q, k, v, segment_ids, static_mask, scale):
+    """The TPU Pallas splash kernel with the same semantics as `dense_attention` (see `splash.py`)."""
+    from btoks_jax.model import splash  # Pallas is imported only when the splash path is chosen.
+
+    return splash.splash_attention(q, k, v, segment_ids, static_mask, scale)

@@ -1,0 +1,274 @@
+"""BToks against the authors' formulation: two-pass equivalence, embeddings, the severed path, losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import hf_utils as H
+from btoks_jax import losses
+from btoks_jax.btoks import BTOK_FIRST_ID, BToksModel, pack, pool
+from btoks_jax.config import IM_END_ID, IM_START_ID, tiny_config
+from btoks_jax.convert.hf_import import load_hf_weights
+from btoks_jax.mask import Layout, block_skip_fraction, static_mask
+
+TOL = 1e-4
+CFG = tiny_config()
+K = 4
+PATCH_DIM = CFG.vision_config.patch_dim
+PREFIX = [IM_START_ID, 77091, 198]  # "<|im_start|>", "assistant", "\n"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The same random weights as a PyTorch model with BTok vocabulary rows and as a BToksModel."""
+    hf = H.hf_model(CFG, seed=5)
+    d = str(tmp_path_factory.mktemp("btoks"))
+    hf.save_pretrained(d)
+    backbone, _ = load_hf_weights(d, progress=False)
+    model = BToksModel(CFG, K, rngs=nnx.Rngs(0), backbone=backbone)
+    btoks = np.random.default_rng(0).standard_normal((K, CFG.text_config.hidden_size)).astype(np.float32) * 0.05
+    model.btoks.value = jnp.asarray(btoks)
+    with torch.no_grad():
+        hf.model.language_model.embed_tokens.weight[BTOK_FIRST_ID:BTOK_FIRST_ID + K] = torch.from_numpy(btoks)
+    return hf, model
+
+
+BTOK_IDS = list(range(BTOK_FIRST_ID, BTOK_FIRST_ID + K))
+
+
+def _image_query():
+    row = [101, 102, *H.image_tokens((1, 4, 6)), 103, 104]
+    batch = H.make_batch([row])
+    batch["image_grid_thw"] = np.array([(1, 4, 6)])
+    batch["pixel_values"] = H.random_pixels([(1, 4, 6)], PATCH_DIM, 7)
+    return batch
+
+
+def _target(body):
+    return PREFIX + body + [IM_END_ID], len(PREFIX)
+
+
+def _hf_two_pass(hf, query_batch, target_ids):
+    """The authors' formulation: encode [Q ; B] with a cache, keep only the BTok entries of every
+    layer, then run the target against that K-entry cache at positions offset by |[Q ; B]|."""
+    ids = np.concatenate([query_batch["input_ids"], [BTOK_IDS]], 1)
+    kw = {k: torch.from_numpy(np.asarray(v)) for k, v in query_batch.items() if k not in ("input_ids",)}
+    kw["attention_mask"] = torch.ones(ids.shape, dtype=torch.long)
+    kw["mm_token_type_ids"] = torch.from_numpy(np.concatenate([query_batch["mm_token_type_ids"],
+                                                               np.zeros((1, K), np.int64)], 1))
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = hf.model(input_ids=torch.from_numpy(ids), use_cache=True, **kw)
+        full = out.past_key_values if hasattr(out, "past_key_values") and out.past_key_values is not None \
+            else out.cache
+        kept = DynamicCache()
+        for i, layer in enumerate(full.layers):
+            kept.update(layer.keys[:, :, -K:].clone(), layer.values[:, :, -K:].clone(), i)
+        n = len(target_ids)
+        offset = ids.shape[1]
+        pos = torch.arange(n).view(1, 1, n).expand(3, 1, n) + offset
+        t_out = hf.model.language_model(input_ids=torch.tensor([target_ids]), position_ids=pos, cache=kept,
+                                        use_cache=True)
+        logits = hf.lm_head(t_out.last_hidden_state)
+    return logits[0].numpy(), out.last_hidden_state[0, -K:].numpy()
+
+
+def test_single_masked_pass_equals_authors_two_pass(models):
+    hf, model = models
+    query = _image_query()
+    target = _target([1000, 2000, 3000, 4000, 5])
+    packed = pack(query, CFG, num_btoks=K, targets=[target], target_len=12)
+    emb, logits = jax.jit(lambda m, x: m(x, packed.layout, target_logits=True))(model, packed.inputs)
+    ref_logits, ref_btok_hidden = _hf_two_pass(hf, query, target[0])
+    n = len(target[0])
+    assert np.abs(np.asarray(logits)[0, :n] - ref_logits).max() <= TOL
+    # NTP loss on the scored tokens: the JAX loss equals the cross-entropy of the PyTorch logits.
+    loss, per_sample = losses.ntp_loss(logits, packed.labels, packed.label_mask)
+    lab = np.asarray(target[0][1:])
+    scored = np.arange(1, n) >= len(PREFIX)
+    ref_nll = torch.nn.functional.cross_entropy(torch.from_numpy(ref_logits[:-1][scored]),
+                                                torch.from_numpy(lab[scored]))
+    assert abs(float(loss) - float(ref_nll)) <= TOL
+    assert packed.label_mask.sum() == len(target[0]) - len(PREFIX)  # text tokens + <|im_end|>
+    ref_emb = ref_btok_hidden.mean(0)
+    assert np.abs(np.asarray(emb)[0] - ref_emb / np.linalg.norm(ref_emb)).max() <= TOL
+
+
+def _hf_btok_embedding(hf, batch):
+    """Mean of the HF hidden states at the <|btok_i|> rows appended after each row's last real token."""
+    rows, types = [], []
+    for ids, m in zip(batch["input_ids"], batch["attention_mask"]):
+        rows.append(list(ids[m.astype(bool)]) + BTOK_IDS)
+    padded = H.make_batch(rows, "right")
+    kw = {k: torch.from_numpy(np.asarray(v)) for k, v in padded.items()}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if key in batch:
+            kw[key] = torch.from_numpy(np.asarray(batch[key]))
+    with torch.no_grad():
+        hidden = hf.model(**kw).last_hidden_state.numpy()
+    out = []
+    for i, r in enumerate(rows):
+        v = hidden[i, len(r) - K:len(r)].mean(0)
+        out.append(v / np.linalg.norm(v))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("case", ["text", "image", "video", "padded_batch_left", "padded_batch_right"])
+def test_btok_embedding_equals_hf_vocab_rows(models, case):
+    hf, model = models
+    side = "right" if case == "padded_batch_right" else "left"
+    grids_i, grids_v = [], []
+    if case == "text":
+        rows = [[9707, 1879, 11, 220, 108386]]
+    elif case == "image":
+        rows, grids_i = [[5, *H.image_tokens((1, 4, 6)), 6, 7]], [(1, 4, 6)]
+    elif case == "video":
+        rows, grids_v = [[5, *H.image_tokens((2, 4, 4), video=True), 6]], [(2, 4, 4)]
+    else:
+        rows = [[1, 2, 3], [4, *H.image_tokens((1, 4, 2)), 5, 6, 7, 8], [9, *H.image_tokens((1, 2, 2)), 10]]
+        grids_i = [(1, 4, 2), (1, 2, 2)]
+    batch = H.make_batch(rows, side)
+    if grids_i:
+        batch["image_grid_thw"] = np.array(grids_i)
+        batch["pixel_values"] = H.random_pixels(grids_i, PATCH_DIM, 1)
+    if grids_v:
+        batch["video_grid_thw"] = np.array(grids_v)
+        batch["pixel_values_videos"] = H.random_pixels(grids_v, PATCH_DIM, 2)
+    packed = pack(batch, CFG, num_btoks=K, query_len=16)
+    emb, _ = jax.jit(lambda m, x: m(x, packed.layout))(model, packed.inputs)
+    ref = _hf_btok_embedding(hf, batch)
+    assert np.abs(np.asarray(emb) - ref).max() <= TOL
+
+
+def _ntp_from_query_embeds(model, packed, mode):
+    def loss_fn(q_embeds):
+        bb = model.backbone
+        embeds = bb.embed_inputs(packed.inputs)
+        lay = packed.layout
+        embeds = embeds.at[:, :lay.query_len].set(q_embeds)
+        embeds = embeds.at[:, lay.btok_slice].set(model.btoks.value[None])
+        hidden = bb.decode(embeds, packed.inputs, static_mask(lay, mode))
+        logits = bb.logits(hidden[:, lay.target_slice])
+        return losses.ntp_loss(logits, packed.labels, packed.label_mask)[0]
+
+    q0 = model.backbone.embed_inputs(packed.inputs)[:, :packed.layout.query_len]
+    return jax.grad(loss_fn)(q0)
+
+
+def test_severed_path_is_really_severed(models):
+    _, model = models
+    query = H.make_batch([[11, 12, 13, 14, 15, 16]])
+    packed = pack(query, CFG, num_btoks=K, targets=[_target([21, 22, 23])], target_len=8)
+    g_isolated = _ntp_from_query_embeds(model, packed, "isolated")
+    g_condensed = _ntp_from_query_embeds(model, packed, "condensation")
+    g_full = _ntp_from_query_embeds(model, packed, "full")
+    assert np.all(np.asarray(g_isolated) == 0.0)
+    assert np.abs(np.asarray(g_condensed)).max() > 1e-6  # reaches the query only through the BToks
+    assert np.abs(np.asarray(g_full)).max() > 1e-6
+
+
+def test_full_mode_equals_plain_causal_forward(models):
+    hf, model = models
+    query = _image_query()
+    target = _target([31, 32, 33])
+    packed = pack(query, CFG, num_btoks=K, targets=[target], target_len=len(target[0]))
+    _, logits = jax.jit(lambda m, x: m(x, packed.layout, mask_mode="full", target_logits=True))(model, packed.inputs)
+    ids = np.concatenate([query["input_ids"][0], BTOK_IDS, target[0]])[None]
+    with torch.no_grad():
+        out = hf.model(input_ids=torch.from_numpy(ids), position_ids=torch.from_numpy(
+            np.asarray(packed.inputs.positions, np.int64)), pixel_values=torch.from_numpy(query["pixel_values"]),
+            image_grid_thw=torch.from_numpy(query["image_grid_thw"]))
+        ref = hf.lm_head(out.last_hidden_state)[0, -len(target[0]):].numpy()
+    assert np.abs(np.asarray(logits)[0] - ref).max() <= TOL
+
+
+def test_pooling_last_is_eos_pooling(models):
+    _, model = models
+    batch = H.make_batch([[1, 2, 3, 4], [5, 6]], "right")
+    packed = pack(batch, CFG, num_btoks=0, query_len=6)
+    bb_model = BToksModel(CFG, 0, rngs=nnx.Rngs(0), backbone=model.backbone)
+    emb, _ = bb_model(packed.inputs, packed.layout, pooling="last")
+    hidden, _ = model.backbone(packed.inputs)
+    ref = np.asarray(hidden)[:, -1]
+    ref = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
+    assert np.abs(np.asarray(emb) - ref).max() <= 1e-5
+    with pytest.raises(ValueError, match="num_btoks > 0"):
+        pool(hidden, packed.layout, "btoks")
+
+
+def _np_info_nce(q, p, tau, symmetric=False):
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    p = p / np.linalg.norm(p, axis=1, keepdims=True)
+
+    def ce(a, b):
+        logits = a @ b.T / tau
+        logits = logits - logits.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(logits).sum(1)) - np.diag(logits)))
+
+    return 0.5 * (ce(q, p) + ce(p, q)) if symmetric else ce(q, p)
+
+
+def test_info_nce_matches_numpy_and_is_sharding_invariant():
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((16, 24)).astype(np.float32)
+    p = rng.standard_normal((16, 24)).astype(np.float32)
+    assert abs(float(losses.info_nce(q, p)) - _np_info_nce(q, p, 0.02)) <= 1e-5 * max(1, _np_info_nce(q, p, 0.02))
+    assert abs(float(losses.info_nce(q, p, symmetric=True)) - _np_info_nce(q, p, 0.02, True)) <= 1e-4
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    qs, ps = jax.device_put(q, sharding), jax.device_put(p, sharding)
+    assert len(qs.sharding.device_set) == 8
+    sharded = jax.jit(losses.info_nce)(qs, ps)
+    assert abs(float(sharded) - float(losses.info_nce(q, p))) <= 1e-6
+    # Hard negatives extend every query's candidate set.
+    hn = rng.standard_normal((16, 2, 24)).astype(np.float32)
+    with_hn = float(losses.info_nce(q, p, hard_negatives=hn))
+    cand = np.concatenate([p, hn.reshape(-1, 24)])
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    cn = cand / np.linalg.norm(cand, axis=1, keepdims=True)
+    logits = qn @ cn.T / 0.02
+    ref = np.mean(np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1) - logits[np.arange(16),
+                                                                                                          np.arange(16)])
+    assert abs(with_hn - ref) <= 1e-4
+
+
+def test_ntp_reductions():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal((16, 5, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, (16, 5))
+    mask = rng.random((16, 5)) < 0.6
+    mask[3] = False  # a sample that does not generate
+    nll = -np.log(np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))
+    nll = np.take_along_axis(nll, labels[..., None], -1)[..., 0] * mask
+    per = nll.sum(1) / np.maximum(mask.sum(1), 1)
+    gen = mask.sum(1) > 0
+    loss, _ = losses.ntp_loss(logits, labels, mask)
+    assert abs(float(loss) - per[gen].mean()) <= 1e-5
+    chunk, _ = losses.ntp_loss(logits, labels, mask, reduction="chunk_token_mean", chunk_size=8)
+    ref = sum(nll[c:c + 8].sum() / mask[c:c + 8].sum() * gen[c:c + 8].sum() for c in (0, 8)) / 16
+    assert abs(float(chunk) - ref) <= 1e-5
+    assert float(losses.ntp_weight(1999, until_step=2000)) == 5.0
+    assert float(losses.ntp_weight(2000, until_step=2000)) == 0.0
+    assert float(losses.ntp_weight(10**6)) == 5.0
+
+
+def test_mask_layout_and_block_skipping():
+    lay = Layout(query_len=6, num_btoks=2, target_len=4)
+    m = static_mask(lay, "condensation")
+    assert not m[8:, :6].any() and m[8:, 6:8].all() and m[6:8, :6].all() and not m[:8, 8:].any()
+    assert np.array_equal(static_mask(lay, "full"), np.tri(12, dtype=bool))
+    big = Layout(query_len=1020, num_btoks=4, target_len=512)  # L = 1536 = 3 blocks of 512
+    # Causal alone skips the 3 upper tiles of 9; the cut adds the tile where the last block of rows (all
+    # target) meets the first block of columns (all query). The second column block holds the BToks.
+    assert block_skip_fraction(big, "full") == pytest.approx(3 / 9)
+    assert block_skip_fraction(big, "condensation") == pytest.approx(4 / 9)
+    # BTok rows in the last row block keep its query tiles alive.
+    assert block_skip_fraction(Layout(1024, 4, 508), "condensation") == pytest.approx(3 / 9)
