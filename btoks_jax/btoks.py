@@ -34,6 +34,10 @@ def btok_token_ids(num_btoks: int, vocab_size: int) -> list[int]:
     return [BTOK_FIRST_ID + i if BTOK_FIRST_ID + i < vocab_size else IM_END_ID for i in range(num_btoks)]
 
 
+class BTokParam(nnx.Param):
+    """The K bottleneck-token vectors: trained in every mode, LoRA included."""
+
+
 class BToksModel(nnx.Module):
     """A Qwen2-VL backbone that carries K bottleneck-token vectors and embeds by pooling them."""
 
@@ -45,7 +49,7 @@ class BToksModel(nnx.Module):
         table = self.backbone.model.embed_tokens.value
         # The authors' stated intent: every BTok starts as the <|im_end|> (EOS) embedding.
         init = jnp.broadcast_to(table[min(IM_END_ID, table.shape[0] - 1)], (num_btoks, table.shape[1]))
-        self.btoks = nnx.Param(jnp.asarray(init, table.dtype), sharding_names=(None, "embed"), eager_sharding=False)
+        self.btoks = BTokParam(jnp.asarray(init, table.dtype), sharding_names=(None, "embed"), eager_sharding=False)
 
     def forward(self, inputs: ModelInputs, layout: Layout, *, mask_mode: str = "condensation"):
         """Final hidden states float[B, L, D] of a packed `[Q | B | T]` batch."""

@@ -17,34 +17,48 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return lse - picked
 
 
-def ntp_loss(logits: jax.Array, labels: jax.Array, label_mask: jax.Array, *, reduction: str = "sample_mean",
-             chunk_size: int = 8) -> tuple[jax.Array, jax.Array]:
-    """Next-token loss over the scored target tokens.
+def ntp_token_weights(label_masks: list[jax.Array], *, reduction: str = "sample_mean",
+                      chunk_size: int = 8) -> list[jax.Array]:
+    """Per-token weights float32[B, Lt] (one array per generating side) such that the NTP loss is
+    sum(weights * nll). Linear in the token losses, so any split into GradCache chunks sums to the
+    full-batch loss exactly.
 
     reduction:
-      "sample_mean"       each generating sample's token mean, averaged over generating samples; does
-                          not depend on chunking or device count (the default).
-      "chunk_token_mean"  the authors' GradCache form: a token mean inside each chunk of `chunk_size`
-                          consecutive samples, weighted by (generating samples in the chunk) / B.
+      "sample_mean"       each generating sample's token mean, averaged over the generating samples of
+                          all sides; independent of chunking and device count (the default).
+      "chunk_token_mean"  the authors' GradCache form: a token mean inside each group of `chunk_size`
+                          consecutive samples, weighted by (generating samples in the group) / B.
+    """
+    masks = [m.astype(jnp.float32) for m in label_masks]
+    if reduction == "sample_mean":
+        counts = [m.sum(-1, keepdims=True) for m in masks]
+        total = sum(jnp.sum(c > 0) for c in counts)
+        return [m / jnp.maximum(c, 1.0) / jnp.maximum(total, 1) for m, c in zip(masks, counts)]
+    if reduction == "chunk_token_mean":
+        out = []
+        for m in masks:
+            b, lt = m.shape
+            if b % chunk_size:
+                raise ValueError(f"batch {b} is not a multiple of the chunk size {chunk_size}")
+            g = m.reshape(-1, chunk_size, lt)
+            ntok = g.sum((1, 2), keepdims=True)
+            gen = (g.sum(2, keepdims=True) > 0).sum(1, keepdims=True)
+            out.append((g * gen / jnp.maximum(ntok, 1.0) / b).reshape(b, lt))
+        return out
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def ntp_loss(logits: jax.Array, labels: jax.Array, label_mask: jax.Array, *, reduction: str = "sample_mean",
+             chunk_size: int = 8) -> tuple[jax.Array, jax.Array]:
+    """Next-token loss over the scored target tokens of one side (see `ntp_token_weights`).
+
     Returns (loss scalar, per-sample token means float32[B], 0 for samples that do not generate).
     """
-    nll = token_nll(logits, labels) * label_mask
+    nll = token_nll(logits, labels)
+    (weights,) = ntp_token_weights([label_mask], reduction=reduction, chunk_size=chunk_size)
     counts = label_mask.sum(-1)
-    per_sample = nll.sum(-1) / jnp.maximum(counts, 1)
-    generating = counts > 0
-    if reduction == "sample_mean":
-        loss = jnp.sum(per_sample * generating) / jnp.maximum(generating.sum(), 1)
-    elif reduction == "chunk_token_mean":
-        b = nll.shape[0]
-        if b % chunk_size:
-            raise ValueError(f"batch {b} is not a multiple of the chunk size {chunk_size}")
-        tok = nll.sum(-1).reshape(-1, chunk_size).sum(-1)
-        ntok = counts.reshape(-1, chunk_size).sum(-1)
-        gen = generating.reshape(-1, chunk_size).sum(-1)
-        loss = jnp.sum(tok / jnp.maximum(ntok, 1) * gen) / b
-    else:
-        raise ValueError(f"unknown reduction {reduction!r}")
-    return loss, per_sample
+    per_sample = (nll * label_mask).sum(-1) / jnp.maximum(counts, 1)
+    return jnp.sum(weights * nll), per_sample
 
 
 def info_nce(query: jax.Array, positive: jax.Array, *, temperature: float = 0.02, symmetric: bool = False,

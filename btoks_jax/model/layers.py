@@ -30,8 +30,12 @@ class Linear(nnx.Module):
         self.kernel = param(rngs, _INIT, (in_features, out_features), param_dtype, axes)
         self.bias = param(rngs, nnx.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
         self.dtype = dtype
+        self.axes = axes
+        self.lora = nnx.data(None)  # an adapter attached by `btoks_jax.lora.apply_lora`
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.lora is not None:
+            return self.lora(self, x)
         y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel.value.astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias.value.astype(self.dtype)

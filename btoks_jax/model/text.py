@@ -15,6 +15,7 @@ from flax import nnx
 
 from btoks_jax.config import TextConfig
 from btoks_jax.model import attention
+from btoks_jax.sharding import constrain
 from btoks_jax.model.layers import ACTIVATIONS, Linear, RMSNorm, apply_rotary, mrope_cos_sin, param
 
 
@@ -106,4 +107,5 @@ class TextModel(nnx.Module):
                 x = nnx.remat(lambda lyr, h: lyr(h, cos, sin, segment_ids, static_mask))(layer, x)
             else:
                 x = layer(x, cos, sin, segment_ids, static_mask)
+            x = constrain(x, ("batch", "seq", "embed"))
         return self.norm(x)

@@ -16,6 +16,7 @@ from flax import nnx
 
 from btoks_jax.config import VisionConfig
 from btoks_jax.model import attention
+from btoks_jax.sharding import constrain
 from btoks_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, apply_rotary, vision_cos_sin
 
 
@@ -114,4 +115,5 @@ class VisionTransformer(nnx.Module):
                 x = nnx.remat(lambda blk, h: blk(h, cos, sin, mask))(block, x)
             else:
                 x = block(x, cos, sin, mask)
+            x = constrain(x, ("batch", "seq", "vis_embed"))
         return self.merger(x)

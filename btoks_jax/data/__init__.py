@@ -1,0 +1,1 @@
+"""Data: the embedded emoji data set and MMEB-format files."""

@@ -1,0 +1,484 @@
+"""MMEB-V2 evaluation: the 78-dataset map, a reader for evaluation rows, cached embedding, scoring and reports.
+
+The dataset names, meta-tasks, main metrics and local/global ranking follow TIGER-Lab's VLM2Vec evaluation
+configs (`experiments/public/eval/{image,video,visdoc}.yaml`) and its score reporter (`report_score_v2.py`).
+Score files keep VLM2Vec's `{dataset}_score.json` shape, so either side's files can be aggregated here.
+
+The model stays outside: `evaluate_dataset` takes `embed_fn(items: list[Item]) -> float[B, D]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from btoks_jax.evaluate.metrics import DEFAULT_KS, global_ranking_metrics, local_ranking_metrics
+
+# ===================================== the MMEB-V2 dataset map =====================================
+
+MODALITY_METRIC = {"image": "hit@1", "video": "hit@1", "visdoc": "ndcg_linear@5"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    modality: str  # image | video | visdoc
+    meta_task: str  # e.g. "CLS"; unique only together with the modality
+    ranking: str  # local: own candidate list; global: the whole corpus
+
+    @property
+    def metric(self) -> str:
+        return MODALITY_METRIC[self.modality]
+
+    @property
+    def group(self) -> str:
+        return f"{self.modality}/{self.meta_task}"
+
+
+def _specs(modality: str, meta_task: str, ranking: str, names: str) -> list[DatasetSpec]:
+    return [DatasetSpec(name, modality, meta_task, ranking) for name in names.split()]
+
+
+# Order and names as in VLM2Vec's reporter; the meta-task split follows the MMEB-V2 paper's tables.
+MMEB_V2_DATASETS: tuple[DatasetSpec, ...] = tuple(
+    _specs("image", "CLS", "local",
+           "ImageNet-1K N24News HatefulMemes VOC2007 SUN397 Place365 ImageNet-A ImageNet-R ObjectNet Country211")
+    + _specs("image", "QA", "local",
+             "OK-VQA A-OKVQA DocVQA InfographicsVQA ChartQA Visual7W ScienceQA VizWiz GQA TextVQA")
+    + _specs("image", "RET", "local",
+             "VisDial CIRR VisualNews_t2i VisualNews_i2t MSCOCO_t2i MSCOCO_i2t NIGHTS WebQA FashionIQ Wiki-SS-NQ "
+             "OVEN EDIS")
+    + _specs("image", "GD", "local", "MSCOCO RefCOCO RefCOCO-Matching Visual7W-Pointing")
+    # Video classification: Something-Something V2 ranks each clip's own candidate list, the others the full label set.
+    + _specs("video", "CLS", "global", "K700")
+    + _specs("video", "CLS", "local", "SmthSmthV2")
+    + _specs("video", "CLS", "global", "HMDB51 UCF101 Breakfast")
+    + _specs("video", "QA", "local", "MVBench Video-MME NExTQA EgoSchema ActivityNetQA")
+    + _specs("video", "RET", "global", "DiDeMo MSR-VTT MSVD VATEX YouCook2")
+    + _specs("video", "MRET", "local", "QVHighlight Charades-STA MomentSeeker")
+    + _specs("visdoc", "ViDoRe-V1", "global",
+             "ViDoRe_arxivqa ViDoRe_docvqa ViDoRe_infovqa ViDoRe_tabfquad ViDoRe_tatdqa ViDoRe_shiftproject "
+             "ViDoRe_syntheticDocQA_artificial_intelligence ViDoRe_syntheticDocQA_energy "
+             "ViDoRe_syntheticDocQA_government_reports ViDoRe_syntheticDocQA_healthcare_industry")
+    + _specs("visdoc", "ViDoRe-V2", "global",
+             "ViDoRe_esg_reports_human_labeled_v2 ViDoRe_biomedical_lectures_v2_multilingual "
+             "ViDoRe_economics_reports_v2_multilingual ViDoRe_esg_reports_v2_multilingual")
+    + _specs("visdoc", "VisRAG", "global",
+             "VisRAG_ArxivQA VisRAG_ChartQA VisRAG_MP-DocVQA VisRAG_SlideVQA VisRAG_InfoVQA VisRAG_PlotQA")
+    + _specs("visdoc", "OOD", "global", "ViDoSeek-page ViDoSeek-doc MMLongBench-page MMLongBench-doc")
+)
+MMEB_V2_BY_NAME: dict[str, DatasetSpec] = {spec.name: spec for spec in MMEB_V2_DATASETS}
+# Other spellings seen in VLM2Vec outputs: its config's HF name for K700, and the reporter's "-fixed" suffix on
+# the two re-paged OOD sets (the corrected page-level versions behind the published numbers).
+DATASET_ALIASES = {"Kinetics-700": "K700", "ViDoSeek-page-fixed": "ViDoSeek-page",
+                   "MMLongBench-page-fixed": "MMLongBench-page"}
+
+
+def canonical_name(name: str) -> str:
+    return DATASET_ALIASES.get(name, name)
+
+
+# ===================================== evaluation rows =====================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One query or candidate as the embedding function sees it; hashable, so it is its own cache key.
+
+    `instruction` is the raw MMEB instruction (it may still hold the `<|image_1|>` placeholder, which the
+    prompt builder replaces). Paths are resolved against the data folder. `video` holds every frame path found;
+    picking the frames to feed (e.g. 8 evenly spaced) is the model side's choice.
+    """
+
+    text: str
+    image: str | None = None
+    video: tuple[str, ...] | None = None
+    instruction: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "video" if self.video else "image" if self.image else "text"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRow:
+    query: Item
+    candidates: tuple[Item, ...]
+    relevance: tuple[float, ...]  # one grade per candidate; > 0 means relevant
+
+
+_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class _RowError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
+        self.field, self.message = field, message
+
+
+def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
+                   check_files: bool = True) -> list[EvalRow]:
+    """Reads MMEB-V2-format evaluation rows from `.jsonl` or `.parquet`.
+
+    Fields: `qry_inst`, `qry_text`, `qry_img_path` (str, "" or null for none), `tgt_inst`, `tgt_text` (list),
+    `tgt_img_path` (list of the same length; "" or null entries for text candidates; may be absent).
+    Optional: `qrels` (one grade per listed candidate; default: the first is the only positive), video frames as
+    `qry_video_path` / `qry_frame_paths` (a folder of frame images or a list of frame paths) and
+    `tgt_video_path` / `tgt_frame_paths` (one such entry per candidate).
+
+    Args:
+      path: the file.
+      data_dir: folder the relative media paths start from (default: the file's folder).
+      check_files: verify that every image / frame exists.
+    Raises:
+      ValueError naming the file, the 1-based row number and the field of the first bad row.
+    """
+    path = Path(path)
+    data_dir = Path(data_dir) if data_dir is not None else path.parent
+    rows = []
+    for number, record in enumerate(_iter_records(path), start=1):
+        try:
+            rows.append(_parse_row(record, data_dir, check_files))
+        except _RowError as err:
+            raise ValueError(f"{path}: row {number}: field '{err.field}': {err.message}") from None
+    return rows
+
+
+def _iter_records(path: Path) -> Iterable[dict]:
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(  # noqa: TRY004 -- one error type for every bad row, as documented
+                        f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
+                yield record
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"{path}: unsupported evaluation file type {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def _parse_row(record: dict, data_dir: Path, check_files: bool) -> EvalRow:
+    texts = _str_list(record, "tgt_text", required=True)
+    if not texts:
+        raise _RowError("tgt_text", "empty candidate list")
+    num = len(texts)
+    images = _str_list(record, "tgt_img_path", required=False) or [None] * num
+    if len(images) != num:
+        raise _RowError("tgt_img_path", f"{len(images)} entries but tgt_text has {num}")
+    video_field, videos = _first_present(record, "tgt_video_path", "tgt_frame_paths")
+    videos = [None] * num if videos is None else videos
+    if not isinstance(videos, list) or len(videos) != num:
+        raise _RowError(video_field, f"expected a list of {num} frame folders / frame lists")
+    tgt_inst = _str(record, "tgt_inst")
+    candidates = tuple(
+        Item(text=text or "", image=_media(image, data_dir, "tgt_img_path", check_files),
+             video=_frames(video, data_dir, video_field, check_files), instruction=tgt_inst)
+        for text, image, video in zip(texts, images, videos)
+    )
+    qry_video_field, qry_video = _first_present(record, "qry_video_path", "qry_frame_paths")
+    query = Item(text=_str(record, "qry_text"),
+                 image=_media(record.get("qry_img_path"), data_dir, "qry_img_path", check_files),
+                 video=_frames(qry_video, data_dir, qry_video_field, check_files),
+                 instruction=_str(record, "qry_inst"))
+    if query.text == "" and query.image is None and query.video is None and query.instruction == "":
+        raise _RowError("qry_text", "the query has no text, image or video")
+    return EvalRow(query, candidates, _relevance(record.get("qrels"), num))
+
+
+def _first_present(record: dict, *fields: str):
+    for field in fields:
+        if record.get(field) is not None:
+            return field, record[field]
+    return fields[0], None
+
+
+def _str(record: dict, field: str) -> str:
+    if field not in record:
+        raise _RowError(field, "missing")
+    value = record[field]
+    if value is None:  # parquet tables often hold nulls where JSON would hold ""
+        return ""
+    if not isinstance(value, str):
+        raise _RowError(field, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _str_list(record: dict, field: str, *, required: bool) -> list | None:
+    value = record.get(field)
+    if value is None:
+        if required:
+            raise _RowError(field, "missing")
+        return None
+    if not isinstance(value, (list, tuple)) or not all(v is None or isinstance(v, str) for v in value):
+        raise _RowError(field, "expected a list of strings")
+    return list(value)
+
+
+def _media(value, data_dir: Path, field: str, check_files: bool) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _RowError(field, f"expected a path string, got {type(value).__name__}")
+    path = data_dir / value
+    if check_files and not path.is_file():
+        raise _RowError(field, f"file not found: {path}")
+    return str(path)
+
+
+def _frames(value, data_dir: Path, field: str, check_files: bool) -> tuple[str, ...] | None:
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        folder = data_dir / value
+        if not folder.is_dir():
+            raise _RowError(field, f"expected a folder of frame images: {folder}")
+        frames = tuple(str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in _FRAME_SUFFIXES)
+        if not frames:
+            raise _RowError(field, f"no frame images in {folder}")
+        return frames
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise _RowError(field, "expected a folder or a list of frame paths")
+    return tuple(_media(v, data_dir, field, check_files) for v in value)
+
+
+def _relevance(value, num: int) -> tuple[float, ...]:
+    if value is None:
+        return (1.0,) + (0.0,) * (num - 1)
+    if not isinstance(value, (list, tuple)) or len(value) != num:
+        raise _RowError("qrels", f"expected a list of {num} relevance grades, one per candidate")
+    try:
+        grades = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise _RowError("qrels", "grades must be numbers") from None
+    if not all(math.isfinite(g) for g in grades) or max(grades) <= 0:
+        raise _RowError("qrels", "grades must be finite and at least one must be > 0")
+    return grades
+
+
+# ===================================== embedding =====================================
+
+EmbedFn = Callable[[list[Item]], np.ndarray]
+
+
+class EmbeddingCache:
+    """Embeds each distinct item once, in batches of one kind (text / image / video) to keep padding low.
+
+    Items are equal when every field is, so a query identical to a candidate shares its embedding. A cache
+    belongs to one model state: make a new one after the weights change.
+    """
+
+    def __init__(self, embed_fn: EmbedFn, batch_size: int = 32, progress: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.embed_fn, self.batch_size, self.progress = embed_fn, batch_size, progress
+        self._rows: dict[Item, int] = {}
+        self._blocks: list[np.ndarray] = []
+        self._table: np.ndarray | None = None  # the blocks stacked, rebuilt lazily after new ones arrive
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, item: Item) -> bool:
+        return item in self._rows
+
+    def __call__(self, items: Sequence[Item], desc: str = "embed") -> np.ndarray:
+        """float32[len(items), D], rows in the order of `items` (duplicates allowed)."""
+        missing = list(dict.fromkeys(item for item in items if item not in self._rows))
+        missing.sort(key=lambda item: ("text", "image", "video").index(item.kind))  # stable: first-seen order
+        batches = [missing[i : i + self.batch_size] for i in range(0, len(missing), self.batch_size)]
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches):
+            embeddings = np.asarray(self.embed_fn(batch), dtype=np.float32)
+            if embeddings.ndim != 2 or embeddings.shape[0] != len(batch):
+                raise ValueError(f"embed_fn returned shape {embeddings.shape} for {len(batch)} items; want [B, D]")
+            if self._blocks and embeddings.shape[1] != self._blocks[0].shape[1]:
+                raise ValueError(f"embed_fn changed width: {embeddings.shape[1]} vs {self._blocks[0].shape[1]}")
+            if not np.isfinite(embeddings).all():
+                raise ValueError(f"embed_fn returned NaN or Inf (first item: {batch[0]})")
+            for item in batch:
+                self._rows[item] = len(self._rows)
+            self._blocks.append(embeddings)
+            self._table = None
+        if not items:
+            width = self._blocks[0].shape[1] if self._blocks else 0
+            return np.zeros((0, width), np.float32)
+        if self._table is None:
+            self._table = np.concatenate(self._blocks)
+            self._blocks = [self._table]
+        return self._table[[self._rows[item] for item in items]]
+
+
+def evaluate_dataset(rows: Sequence[EvalRow], embed_fn: EmbedFn | EmbeddingCache, ranking: str = "local",
+                     batch_size: int = 32, *, corpus: Sequence[Item] = (), ks=DEFAULT_KS,
+                     progress: bool = True, name: str = "") -> dict[str, float]:
+    """Embeds queries and candidates, ranks by cosine similarity and returns a VLM2Vec-shaped score dict.
+
+    Args:
+      rows: evaluation rows (`read_eval_rows`).
+      embed_fn: `embed_fn(items) -> float[B, D]`, or an `EmbeddingCache` to share embeddings across calls.
+      ranking: "local" ranks each query against its own candidates (duplicates in a list collapse into one,
+        keeping the highest grade); "global" against the union of every row's candidates plus `corpus`.
+      batch_size: items per `embed_fn` call (ignored when an `EmbeddingCache` is passed).
+      corpus: extra candidates for global ranking (e.g. document pages no query lists).
+      ks: metric cut-offs.
+      progress: show tqdm bars.
+      name: label for the progress bars.
+    Returns:
+      {"hit@1", ..., "mrr@10", "num_pred", "num_data"} as in VLM2Vec's `{dataset}_score.json`.
+    """
+    if ranking not in ("local", "global"):
+        raise ValueError(f"ranking must be 'local' or 'global', got {ranking!r}")
+    if not rows:
+        raise ValueError("no evaluation rows")
+    cache = embed_fn if isinstance(embed_fn, EmbeddingCache) else EmbeddingCache(embed_fn, batch_size, progress)
+    label = f"{name} " if name else ""
+    queries = cache([row.query for row in rows], desc=f"{label}queries")
+    if ranking == "local":
+        candidate_lists, grade_lists = [], []
+        for row in rows:
+            grades = _merge_duplicates(row.candidates, row.relevance)
+            candidate_lists.append(list(grades))
+            grade_lists.append(list(grades.values()))
+        flat = [item for items in candidate_lists for item in items]
+        table = cache(flat, desc=f"{label}candidates")
+        bounds = np.cumsum([0] + [len(items) for items in candidate_lists])
+        scores = local_ranking_metrics(queries, [table[a:b] for a, b in itertools.pairwise(bounds)],
+                                       grade_lists, ks)
+    else:
+        index: dict[Item, int] = {}
+        qrels = []
+        for row in rows:
+            grades = _merge_duplicates(row.candidates, row.relevance)
+            qrels.append({index.setdefault(item, len(index)): g for item, g in grades.items() if g > 0})
+        for item in corpus:
+            index.setdefault(item, len(index))
+        scores = global_ranking_metrics(queries, cache(list(index), desc=f"{label}corpus"), qrels, ks)
+    scores["num_pred"] = len(rows)
+    scores["num_data"] = len(rows)
+    return scores
+
+
+def _merge_duplicates(items: Sequence[Item], grades: Sequence[float]) -> dict[Item, float]:
+    merged: dict[Item, float] = {}
+    for item, grade in zip(items, grades):
+        merged[item] = max(grade, merged.get(item, grade))
+    return merged
+
+
+# ===================================== score files and the summary =====================================
+
+
+def write_score_file(out_dir: str | os.PathLike, dataset: str, scores: Mapping[str, float]) -> Path:
+    """Writes `{out_dir}/{dataset}_score.json` (VLM2Vec's name and layout) atomically; returns its path."""
+    path = Path(out_dir) / f"{dataset}_score.json"
+    _write_json_atomic(path, dict(scores))
+    return path
+
+
+def load_score_files(directory: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """Reads every `*_score.json` below `directory` (VLM2Vec nests them by modality); keys are canonical names."""
+    scores = {}
+    for path in sorted(Path(directory).rglob("*_score.json")):
+        name = canonical_name(path.name[: -len("_score.json")])
+        if name in scores:
+            raise ValueError(f"two score files for {name} under {directory}")
+        with open(path, encoding="utf-8") as f:
+            scores[name] = json.load(f)
+    return scores
+
+
+def summarize(scores: Mapping[str, Mapping[str, float]], extra_metric: str = "hit@1") -> dict:
+    """Aggregates per-dataset score dicts into MMEB-V2 meta-task, modality and overall means.
+
+    Every aggregate is a plain mean over the datasets present, as the paper's Overall is over all 78, and
+    carries {"score", "evaluated", "expected", "partial", "missing"}: with a subset the numbers exist but are
+    marked partial, never passed off as the benchmark score. Datasets outside MMEB-V2 are listed under
+    "extra_datasets" (scored with `extra_metric`) and are not part of any MMEB-V2 aggregate.
+    """
+    present, extra = {}, {}
+    for raw_name, values in scores.items():
+        name = canonical_name(raw_name)
+        spec = MMEB_V2_BY_NAME.get(name)
+        metric = spec.metric if spec else extra_metric
+        if metric not in values:
+            raise ValueError(f"scores of {raw_name} lack the main metric {metric!r}")
+        (present if spec else extra)[name] = float(values[metric])
+
+    def aggregate(specs: Sequence[DatasetSpec]) -> dict:
+        found = [present[s.name] for s in specs if s.name in present]
+        missing = [s.name for s in specs if s.name not in present]
+        return {"score": float(np.mean(found)) if found else None, "evaluated": len(found), "expected": len(specs),
+                "partial": bool(missing), "missing": missing}
+
+    groups: dict[str, list[DatasetSpec]] = {}
+    modalities: dict[str, list[DatasetSpec]] = {}
+    for spec in MMEB_V2_DATASETS:
+        groups.setdefault(spec.group, []).append(spec)
+        modalities.setdefault(spec.modality, []).append(spec)
+    overall = aggregate(MMEB_V2_DATASETS)
+    return {
+        "benchmark": "MMEB-V2",
+        "complete": not overall["partial"],
+        "overall": overall,
+        "modalities": {m: aggregate(specs) for m, specs in modalities.items()},
+        "meta_tasks": {g: aggregate(specs) for g, specs in groups.items()},
+        "datasets": {s.name: {"modality": s.modality, "meta_task": s.meta_task, "ranking": s.ranking,
+                              "metric": s.metric, "score": present[s.name]}
+                     for s in MMEB_V2_DATASETS if s.name in present},
+        "extra_datasets": {name: {"metric": extra_metric, "score": value} for name, value in sorted(extra.items())},
+    }
+
+
+def write_summary(path: str | os.PathLike, summary: Mapping) -> Path:
+    path = Path(path)
+    _write_json_atomic(path, dict(summary))
+    return path
+
+
+def format_summary(summary: Mapping) -> str:
+    """A short human-readable report (scores x100); partial aggregates are marked with their coverage."""
+
+    def line(label: str, agg: Mapping) -> str:
+        score = "  n/a" if agg["score"] is None else f"{100 * agg['score']:5.1f}"
+        note = f"  (partial: {agg['evaluated']}/{agg['expected']} datasets)" if agg["partial"] else ""
+        return f"{label:<20} {score}{note}"
+
+    lines = [line("Overall", summary["overall"])]
+    lines += [line(f"  {m}", agg) for m, agg in summary["modalities"].items()]
+    lines += [line(f"    {g}", agg) for g, agg in summary["meta_tasks"].items()]
+    lines += [f"{name:<20} {100 * e['score']:5.1f}  ({e['metric']}, not in MMEB-V2)"
+              for name, e in summary["extra_datasets"].items()]
+    missing = summary["overall"]["missing"]
+    if missing:
+        lines.append(f"missing ({len(missing)}): " + ", ".join(missing))
+    return "\n".join(lines)
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=4)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

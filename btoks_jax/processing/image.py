@@ -1,0 +1,213 @@
+"""Qwen2-VL image preprocessing on the host (NumPy/Pillow): smart_resize, normalisation and the patch layout.
+
+Mirrors `transformers`' `Qwen2VLImageProcessorPil` (the PIL backend): same RGB conversion, the same Pillow
+bicubic resize call, rescale in float64 then float32, normalise in float32, and the same patch order. Tested
+bit-for-bit against it (tests/test_processing.py).
+
+Patch layout, shared with video.py. Legend: T frames, C channels (3), tp temporal patch (2), ps patch pixels (14),
+m merge size (2); gt = T / tp, gh = H / ps, gw = W / ps patches; bh = gh / m, bw = gw / m merge windows; mh, mw the
+position inside a window; ph, pw the pixel inside a patch. A frame stack float32[T, C, H, W] becomes
+float32[gt * gh * gw, C * tp * ps * ps] with rows ordered (gt, bh, bw, mh, mw), so each run of m*m rows is one
+merge window, and features ordered (C, tp, ph, pw), the order of the Conv3d patch-embedding weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGE_PROCESSOR_CONFIG = "preprocessor_config.json"
+PROCESSOR_CONFIG = "processor_config.json"
+
+ImageLike = Image.Image | np.ndarray | str | os.PathLike
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """(height, width) divisible by `factor`, near the input aspect ratio, with area in [min_pixels, max_pixels].
+
+    Port of `transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize`, same float expressions
+    and errors, since a one-pixel difference changes the token count.
+    """
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200:
+        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {ratio}")
+    # round() is Python's half-to-even, as in the reference.
+    new_height, new_width = round(height / factor) * factor, round(width / factor) * factor
+    if new_height * new_width > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        new_height = max(factor, math.floor(height / beta / factor) * factor)
+        new_width = max(factor, math.floor(width / beta / factor) * factor)
+    elif new_height * new_width < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        new_height = math.ceil(height * beta / factor) * factor
+        new_width = math.ceil(width * beta / factor) * factor
+    return new_height, new_width
+
+
+def load_image(image: ImageLike, convert_rgb: bool = True) -> np.ndarray:
+    """uint8[H, W, 3] RGB pixels from a PIL image, an HxW / HxWxC uint8 array or an image file path.
+
+    Files are opened as `transformers.image_utils.load_image` does (EXIF orientation applied, then
+    `convert("RGB")`, which drops alpha); in-memory images with alpha are composited on white, as the HF
+    image processor's `convert_to_rgb` does for PIL images and for arrays (float64 blend, rounded).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    if isinstance(image, Image.Image):
+        if not convert_rgb:
+            return np.asarray(image)
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise TypeError(f"Expected a uint8 HxW or HxWxC array, got {array.dtype} {array.shape}.")
+    if not convert_rgb:
+        return array
+    array = array[..., None] if array.ndim == 2 else array
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    if array.shape[-1] == 4:
+        alpha = array[..., 3:] / 255
+        return np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    if array.shape[-1] != 3:
+        raise ValueError(f"Expected 1, 3 or 4 channels, got shape {array.shape}.")
+    return array
+
+
+def pil_resize(pixels: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
+    """uint8[H, W, 3] -> uint8[height, width, 3] with the Pillow call the HF PIL backend makes."""
+    return np.asarray(Image.fromarray(pixels).resize((width, height), resample=resample))
+
+
+def patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int) -> np.ndarray:
+    """float32[T, C, H, W] (T a multiple of temporal_patch_size) -> float32[gt*gh*gw, C*tp*ps*ps] (module doc)."""
+    t, c, h, w = frames.shape
+    gt, gh, gw = t // temporal_patch_size, h // patch_size, w // patch_size
+    m = merge_size
+    x = frames.reshape(gt, temporal_patch_size, c, gh // m, m, patch_size, gw // m, m, patch_size)
+    # [gt, tp, C, bh, mh, ph, bw, mw, pw] -> [gt, bh, bw, mh, mw, C, tp, ph, pw]
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    return x.reshape(gt * gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def _first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def pixel_bounds(config: dict[str, Any], default_min: int, default_max: int) -> tuple[int, int]:
+    """(min_pixels, max_pixels) from a HF config: top-level `min_pixels`/`max_pixels` win over `size`."""
+    size = config.get("size") or {}
+    min_pixels = _first_set(config.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"), default_min)
+    max_pixels = _first_set(config.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"), default_max)
+    return int(min_pixels), int(max_pixels)
+
+
+def read_processor_config(directory: str | os.PathLike, key: str, filenames: Sequence[str]) -> dict[str, Any]:
+    """A sub-processor's config with HF's precedence: `processor_config.json[key]`, then each of `filenames`."""
+    directory = Path(directory)
+    nested = directory / PROCESSOR_CONFIG
+    if nested.is_file():
+        config = json.loads(nested.read_text(encoding="utf-8"))
+        if key in config:
+            return config[key]
+    for name in filenames:
+        if (directory / name).is_file():
+            return json.loads((directory / name).read_text(encoding="utf-8"))
+    raise FileNotFoundError(f"None of {PROCESSOR_CONFIG}[{key!r}], {', '.join(filenames)} in {directory}.")
+
+
+def config_fields(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The dataclass fields of `cls` present in a HF config, lists turned into tuples (frozen, hashable)."""
+    names = {field.name for field in dataclasses.fields(cls)} - {"min_pixels", "max_pixels"}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+    """Host-side `Qwen2VLImageProcessorPil`; defaults are HF's class defaults (a checkpoint's config overrides)."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    do_convert_rgb: bool = True
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> ImageProcessor:
+        """From a HF `preprocessor_config.json` dict (`min_pixels`/`max_pixels` or `size` form)."""
+        min_pixels, max_pixels = pixel_bounds(config, cls.min_pixels, cls.max_pixels)
+        return cls(min_pixels=min_pixels, max_pixels=max_pixels, **config_fields(cls, config))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ImageProcessor:
+        return cls.from_dict(read_processor_config(directory, "image_processor", [IMAGE_PROCESSOR_CONFIG]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A `preprocessor_config.json` that transformers' Qwen2-VL image processor reads back (both size forms)."""
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        config["size"] = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        return {**config, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(Path(directory) / IMAGE_PROCESSOR_CONFIG, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """Pixel size an image of (height, width) is resized to; /patch_size gives its grid."""
+        if not self.do_resize:
+            return height, width
+        factor = self.patch_size * self.merge_size
+        return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8[..., H, W, C] -> float32, rounding as the HF PIL backend: x * scale in float64, cast, then
+        (x - mean) / std in float32."""
+        x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32) if self.do_rescale else pixels
+        x = x.astype(np.float32)
+        if self.do_normalize:
+            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
+        return x
+
+    def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
+        """One image -> (float32[gh*gw, C*tp*ps*ps], int64[3] grid (1, gh, gw))."""
+        pixels = load_image(image, self.do_convert_rgb)
+        height, width = self.resized_size(*pixels.shape[:2])
+        if self.do_resize:
+            pixels = pil_resize(pixels, height, width, self.resample)
+        frame = self.normalize(pixels).transpose(2, 0, 1)[None]  # [1, C, H, W]
+        # A still image is its own temporal patch: the frame repeated temporal_patch_size times (a view).
+        frames = np.broadcast_to(frame, (self.temporal_patch_size, *frame.shape[1:]))
+        patches = patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size)
+        return patches, np.array([1, height // self.patch_size, width // self.patch_size], np.int64)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
+        """images (one, or a list) -> pixel_values float32[N_patches, 1176], image_grid_thw int64[num_images, 3]."""
+        if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            images = [images]
+        patches, grids = zip(*(self.preprocess_one(image) for image in images))
+        return {"pixel_values": np.concatenate(patches), "image_grid_thw": np.stack(grids)}

@@ -1,0 +1,207 @@
+"""Pure training steps for the three objectives (contrastive, GIC, joint), with GradCache.
+
+A step sees the global batch: both sides of every pair packed as `[X | B | T]`. With
+`chunk_size` smaller than the batch, the contrastive loss is computed GradCache-style: embeddings
+of the whole batch first (no gradients kept), the loss and its gradient w.r.t. the embeddings,
+then each chunk's forward/backward against those cached gradients. The generative term is linear
+in the token losses (see `losses.ntp_token_weights`), so it splits over chunks exactly. Every
+negative stays global; memory grows with the chunk, not the batch.
+
+Legend: B global batch, C chunk, N = B // C chunks, D embedding width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from btoks_jax import losses
+from btoks_jax.btoks import BTokParam
+from btoks_jax.lora import LoRAParam
+from btoks_jax.mask import Layout
+
+OBJECTIVES = ("contrastive", "gic", "joint")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    objective: str = "joint"
+    temperature: float = 0.02
+    ntp_weight: float = 5.0
+    ntp_until_step: int | None = None  # None: lambda applies for the whole run
+    ntp_reduction: str = "sample_mean"
+    ntp_chunk_size: int = 8  # group size of the "chunk_token_mean" reduction
+    chunk_size: int = 0  # GradCache / accumulation chunk; 0 = the whole batch in one pass
+    pooling: str = "btoks"
+    mask_mode: str = "condensation"
+    symmetric: bool = False
+    trainable: str = "lora"  # "lora" (adapters + BToks) or "full"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+
+def trainable_filter(mode: str):
+    """Which variables train: adapters and BToks (LoRA mode) or every parameter (full)."""
+    if mode == "lora":
+        return nnx.Any(LoRAParam, BTokParam)
+    if mode == "full":
+        return nnx.Param
+    raise ValueError(f"trainable must be 'lora' or 'full', got {mode!r}")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any  # the trainable nnx.State
+    opt_state: Any
+    rng: jax.Array
+
+
+def split_model(model: nnx.Module, mode: str):
+    """(graphdef, trainable state, frozen state)."""
+    graphdef, params, frozen = nnx.split(model, trainable_filter(mode), ...)
+    return graphdef, params, frozen
+
+
+def _has_dropout(model) -> bool:
+    return any(isinstance(m, nnx.Dropout) for _, m in nnx.iter_graph(model))
+
+
+def _merge(graphdef, params, frozen, key):
+    model = nnx.merge(graphdef, params, frozen)
+    if key is not None and _has_dropout(model):
+        nnx.reseed(model, dropout=key)
+    return model
+
+
+def _side(model, side, layout: Layout, cfg: StepConfig, logits: bool):
+    return model(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode, target_logits=logits)
+
+
+def _ntp_sum(logits, side, weights):
+    return jnp.sum(weights * losses.token_nll(logits, side["labels"]))
+
+
+def _lambda(cfg: StepConfig, step):
+    if cfg.objective == "contrastive":
+        return jnp.float32(0.0)
+    if cfg.objective == "gic":
+        return jnp.float32(1.0)
+    return losses.ntp_weight(step, weight=cfg.ntp_weight, until_step=cfg.ntp_until_step)
+
+
+def _chunk(tree, i, n):
+    """Chunk i of N: rows i, i+N, i+2N, ... so every chunk spreads over all batch shards."""
+
+    def take(path, x):
+        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
+        shape = x.shape[:axis] + (x.shape[axis] // n, n) + x.shape[axis + 1:]
+        return jax.lax.dynamic_index_in_dim(x.reshape(shape), i, axis=axis + 1, keepdims=False)
+
+    return jax.tree_util.tree_map_with_path(take, tree)
+
+
+def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layout], step, key, cfg: StepConfig):
+    """(loss, metrics, grads) of one global batch; exact whatever the chunking."""
+    q_layout, p_layout = layouts
+    need_ntp = cfg.objective != "contrastive"
+    need_nce = cfg.objective != "gic"
+    lam = _lambda(cfg, step)
+    w_q, w_p = losses.ntp_token_weights([batch["query"]["label_mask"], batch["positive"]["label_mask"]],
+                                        reduction=cfg.ntp_reduction, chunk_size=cfg.ntp_chunk_size)
+    b = batch["query"]["labels"].shape[0]
+    chunk = cfg.chunk_size or b
+    if b % chunk:
+        raise ValueError(f"global batch {b} is not a multiple of the chunk size {chunk}")
+    n = b // chunk
+
+    def sides_forward(p, sub, key_i, logits):
+        model = _merge(graphdef, p, frozen, key_i)
+        q_emb, q_logits = _side(model, sub["query"], q_layout, cfg, logits)
+        p_emb, p_logits = _side(model, sub["positive"], p_layout, cfg, logits)
+        return q_emb, p_emb, q_logits, p_logits
+
+    def ntp_part(sub, q_logits, p_logits, wq, wp):
+        if not need_ntp:
+            return jnp.float32(0.0)
+        return _ntp_sum(q_logits, sub["query"], wq) + _ntp_sum(p_logits, sub["positive"], wp)
+
+    if n == 1:
+        def full_loss(p):
+            q_emb, p_emb, q_logits, p_logits = sides_forward(p, batch, key, need_ntp)
+            nce = losses.info_nce(q_emb, p_emb, temperature=cfg.temperature, symmetric=cfg.symmetric) \
+                if need_nce else jnp.float32(0.0)
+            ntp = ntp_part(batch, q_logits, p_logits, w_q, w_p)
+            return nce + lam * ntp, (nce, ntp)
+
+        (loss, (nce, ntp)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
+    else:
+        keys = jax.random.split(key, n)
+        nce, g_q, g_p = jnp.float32(0.0), None, None
+        if need_nce:
+            def embed_chunk(_, i):
+                sub = _chunk(batch, i, n)
+                q_emb, p_emb, _, _ = sides_forward(params, sub, keys[i], False)
+                return None, (q_emb, p_emb)
+
+            _, (q_embs, p_embs) = jax.lax.scan(embed_chunk, None, jnp.arange(n))  # [N, C, D]
+            unchunk = lambda e: e.transpose(1, 0, 2).reshape(b, -1)  # row j*N+i <- chunk i, row j  # noqa: E731
+            q_all, p_all = jax.lax.stop_gradient(unchunk(q_embs)), jax.lax.stop_gradient(unchunk(p_embs))
+            nce, (g_q, g_p) = jax.value_and_grad(
+                lambda q, p: losses.info_nce(q, p, temperature=cfg.temperature, symmetric=cfg.symmetric),
+                argnums=(0, 1))(q_all, p_all)
+        weights = {"q": w_q, "p": w_p, "gq": g_q, "gp": g_p}
+
+        def grad_chunk(acc, i):
+            sub = _chunk(batch, i, n)
+            w = _chunk({k: v for k, v in weights.items() if v is not None}, i, n)
+
+            def surrogate(p):
+                q_emb, p_emb, q_logits, p_logits = sides_forward(p, sub, keys[i], need_ntp)
+                s = jnp.float32(0.0)
+                if need_nce:
+                    s = jnp.sum(q_emb * w["gq"]) + jnp.sum(p_emb * w["gp"])
+                ntp = ntp_part(sub, q_logits, p_logits, w["q"], w["p"])
+                return s + lam * ntp, ntp
+
+            (_, ntp_i), g = jax.value_and_grad(surrogate, has_aux=True)(params)
+            grads, ntp = acc
+            return (jax.tree.map(jnp.add, grads, g), ntp + ntp_i), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+        (grads, ntp), _ = jax.lax.scan(grad_chunk, (zeros, jnp.float32(0.0)), jnp.arange(n))
+        loss = nce + lam * ntp
+    metrics = {"loss": loss, "info_nce": nce, "ntp": ntp, "ntp_weight": lam}
+    return loss, metrics, grads
+
+
+def make_optimizer(*, learning_rate: float = 5e-5, warmup_steps: int = 100, total_steps: int = 5000,
+                   weight_decay: float = 0.01, clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8):
+    """AdamW with linear warm-up then linear decay to 0 (the authors' schedule), global-norm clipping.
+    Weight decay skips vectors (biases, norms, DoRA magnitudes), as the Hugging Face Trainer does."""
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+         optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))], [warmup_steps])
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm),
+                     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def train_step(state: TrainState, frozen, batch, *, graphdef, layouts, cfg: StepConfig, tx, schedule: Callable):
+    """One optimizer step. Returns (new state, metrics)."""
+    key = jax.random.fold_in(state.rng, state.step)
+    _, metrics, grads = loss_and_grads(graphdef, state.params, frozen, batch, layouts, state.step, key, cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,48 @@
+"""Small synthetic training batches and models shared by the trainer tests."""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+import hf_utils as H
+from btoks_jax.btoks import BToksModel, pack
+from btoks_jax.config import IM_END_ID, IM_START_ID, tiny_config
+from btoks_jax.lora import LoRAConfig, apply_lora
+
+CFG = tiny_config(vocab_size=151700)
+K = 4
+PREFIX = [IM_START_ID, 77091, 198]
+
+
+def model(seed: int = 0, lora: bool = True, dropout: float = 0.0):
+    m = BToksModel(CFG, K, rngs=nnx.Rngs(seed))
+    if lora:
+        apply_lora(m.backbone, LoRAConfig(rank=4, alpha=8, dropout=dropout), rngs=nnx.Rngs(seed + 1))
+        # Non-zero B so the adapters matter from the first step.
+        for _, a in nnx.iter_graph(m):
+            if type(a).__name__ == "LoRAAdapter":
+                a.b.value = a.b.value + 0.01
+    return m
+
+
+def batch(b: int = 8, seed: int = 0, query_len: int = 24, target_len: int = 10):
+    """A global batch: image queries that generate the positive text, text positives."""
+    rng = np.random.default_rng(seed)
+    q_rows, p_rows, grids, q_targets, p_targets = [], [], [], [], []
+    for i in range(b):
+        g = (1, 2 * int(rng.integers(1, 3)), 4)
+        grids.append(g)
+        q_rows.append([int(x) for x in rng.integers(10, 5000, 3)] + H.image_tokens(g) + [int(rng.integers(10, 99))])
+        body = [int(x) for x in rng.integers(10, 5000, int(rng.integers(2, 6)))]
+        p_rows.append(body)
+        q_targets.append((PREFIX + body + [IM_END_ID], 3))
+        p_targets.append(None if i % 2 else (PREFIX + q_rows[-1][:3] + [IM_END_ID], 3))
+    qb = H.make_batch(q_rows, "right")
+    qb["image_grid_thw"] = np.array(grids)
+    qb["pixel_values"] = H.random_pixels(grids, CFG.vision_config.patch_dim, seed)
+    pb = H.make_batch(p_rows, "right")
+    q = pack(qb, CFG, num_btoks=K, query_len=query_len, targets=q_targets, target_len=target_len, patch_budget=32)
+    p = pack(pb, CFG, num_btoks=K, query_len=8, targets=p_targets, target_len=target_len)
+    as_dict = lambda s: {"inputs": s.inputs, "labels": s.labels, "label_mask": s.label_mask}  # noqa: E731
+    return {"query": as_dict(q), "positive": as_dict(p)}, (q.layout, p.layout)
