@@ -205,3 +205,36 @@ def train_step(state: TrainState, frozen, batch, *, graphdef, layouts, cfg: Step
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def init_state(params, tx, seed: int) -> TrainState:
+    """Optimizer state is created under jit so it inherits the parameters' shardings."""
+    mesh = jax.tree.leaves(params)[0].sharding.mesh
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
+                             else jax.device_put(x, replicated), opt_state)
+    step, rng = jax.device_put((jnp.zeros((), jnp.int32), jax.random.key(seed)), replicated)
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
+
+
+def batch_shardings(batch, mesh):
+    """Every array sharded on its batch axis over (data, fsdp); positions carry it on axis 1."""
+    from btoks_jax.sharding import batch_sharding
+
+    def one(path, x):
+        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
+        return batch_sharding(mesh, x.ndim, axis)
+
+    return jax.tree_util.tree_map_with_path(one, batch)
+
+
+def compile_step(*, graphdef, layouts, cfg: StepConfig, tx, schedule, state: TrainState, frozen, batch, mesh):
+    """The jitted step with explicit in/out shardings and the state donated."""
+    from functools import partial
+
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    step = partial(train_step, graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule)
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_shardings(batch, mesh)),
+                   out_shardings=(state_sh, None), donate_argnums=(0,))

@@ -1,0 +1,105 @@
+"""Model construction for training and inference: shapes first, then straight into shardings.
+
+Sources of weights: a random init of a preset (tests, the embedded demo), a Hugging Face
+directory (Qwen2-VL weights, optionally with the authors' `<|btok_i|>` rows), or a btoks-jax
+checkpoint (restored by the trainer / exporter through `checkpoint.restore`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from btoks_jax import sharding as shd
+from btoks_jax.btoks import BTOK_FIRST_ID, BToksModel
+from btoks_jax.config import PRESETS, Qwen2VLConfig, from_hf_config
+from btoks_jax.convert.hf_import import load_hf_weights, path_str
+from btoks_jax.lora import LoRAConfig, apply_lora
+
+
+def model_config(model_cfg: Mapping[str, Any]) -> Qwen2VLConfig:
+    """The architecture from `model.preset` or the `config.json` of `model.hf_dir`, plus runtime fields."""
+    runtime = {k: model_cfg[k] for k in ("dtype", "param_dtype", "attention_impl", "remat") if k in model_cfg}
+    if model_cfg.get("hf_dir"):
+        return from_hf_config(model_cfg["hf_dir"], **runtime)
+    preset = model_cfg.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    overrides = dict(model_cfg.get("overrides", {}) or {})
+    cfg = PRESETS[preset].replace(**runtime)
+    if overrides:
+        cfg = cfg.replace(text_config=cfg.text_config.__class__(**{**cfg.text_config.__dict__,
+                                                                   **overrides.get("text", {})}),
+                          vision_config=cfg.vision_config.__class__(**{**cfg.vision_config.__dict__,
+                                                                       **overrides.get("vision", {})}))
+    return cfg
+
+
+def hf_btok_ids(directory: str, num_btoks: int) -> list[int] | None:
+    """The ids of `<|btok_0|>`..`<|btok_{K-1}|>` in a directory's tokenizer (the authors' format), or None."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    ids = [added.get(f"<|btok_{i}|>") for i in range(num_btoks)]
+    if not num_btoks or any(i is None for i in ids):
+        return None
+    if ids != list(range(ids[0], ids[0] + num_btoks)):
+        raise ValueError(f"{directory}: <|btok_i|> ids {ids} are not consecutive")
+    return ids
+
+
+def _create(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None, seed: int) -> BToksModel:
+    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed))
+    if lora is not None:
+        apply_lora(model.backbone, lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
+    return model
+
+
+def abstract(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None) -> BToksModel:
+    return nnx.eval_shape(lambda: _create(cfg, num_btoks, lora, 0))
+
+
+def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None, hf_dir: str | None = None,
+          btok_init: str = "im_end", seed: int = 0, mesh: Mesh | None = None,
+          rules: Mapping[str, Any] = shd.DEFAULT_RULES, progress: bool = True) -> BToksModel:
+    """A concrete BToksModel whose parameters already live in their shardings (no full copy anywhere).
+
+    `btok_init`: "im_end" (every BTok starts as the `<|im_end|>` row, the authors' stated intent) or
+    "vocab_rows" (the rows at ids 151657.. as the checkpoint holds them, what the authors' code did
+    when the vocabulary needed no resizing). A directory whose tokenizer already has `<|btok_i|>`
+    tokens always loads those rows.
+    """
+    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
+    graphdef, abs_state = nnx.split(abstract(cfg, num_btoks, lora))
+    shardings = shd.state_shardings(abs_state, mesh, rules)
+    if hf_dir is None:
+        state = jax.jit(lambda: nnx.split(_create(cfg, num_btoks, lora, seed))[1], out_shardings=shardings)()
+        return nnx.merge(graphdef, state)
+
+    flat = {path_str(p): s for p, s in nnx.to_flat_state(shardings)}
+    backbone, _ = load_hf_weights(hf_dir, cfg, sharding_for=lambda path, shape: flat["backbone." + path],
+                                  progress=progress)
+    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), backbone=backbone)
+    ids = hf_btok_ids(hf_dir, num_btoks)
+    if ids is not None or (btok_init == "vocab_rows" and num_btoks):
+        start = ids[0] if ids is not None else BTOK_FIRST_ID
+        model.btoks.value = jax.lax.dynamic_slice_in_dim(backbone.model.embed_tokens.value, start, num_btoks)
+    elif btok_init != "im_end":
+        raise ValueError(f"btok_init must be 'im_end' or 'vocab_rows', got {btok_init!r}")
+    if lora is not None:
+        apply_lora(model.backbone, lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
+    _, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, shardings))
+
+
+def param_count(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size") and x.dtype != jax.dtypes.prng_key
+               and jnp.issubdtype(x.dtype, jnp.number))

@@ -1,0 +1,81 @@
+"""Orbax checkpoints: asynchronous atomic saves, keep-last-K, restore straight into shardings.
+
+A checkpoint step holds four items: `state` (step, trainable parameters, optimizer state, RNG),
+`frozen` (the parameters that do not train, so a checkpoint is self-contained for export),
+`data` (the input pipeline's iterator state, JSON) and `meta` (the run's config, JSON). Orbax
+writes each step into a temporary directory and renames it when complete, so a killed run never
+leaves a half-written step behind as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "frozen", "data", "meta")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or written by another configuration."""
+
+
+def manager(workdir: str, *, max_to_keep: int = 3, save_every: int = 1, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
+        create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints") if not _is_ckpt_root(workdir) else workdir,
+                                 options=options, item_names=ITEMS)
+
+
+def _is_ckpt_root(path: str) -> bool:
+    return os.path.basename(os.path.normpath(path)) == "checkpoints"
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict, *,
+         force: bool = False) -> bool:
+    return mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings: Orbax restores directly into them."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state, abstract_frozen):
+    """(step, state, frozen, data_state, meta) of `step` (default: the latest)."""
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{mgr.directory}: no complete checkpoint")
+    if step not in mgr.all_steps():
+        raise CheckpointError(f"{mgr.directory}: no checkpoint for step {step} (have {sorted(mgr.all_steps())})")
+    try:
+        out = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), frozen=ocp.args.StandardRestore(abstract_frozen),
+            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{mgr.directory}: step {step} cannot be restored into this model "
+                              f"(written by another config, or incomplete): {e}") from e
+    return step, out.state, out.frozen, out.data, out.meta
+
+
+def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """The config stored with a checkpoint, without restoring any array."""
+    root = workdir if _is_ckpt_root(workdir) else os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        raise CheckpointError(f"{workdir}: not a btoks-jax checkpoint directory (no checkpoints/ inside)")
+    mgr = manager(workdir, read_only=True, async_save=False)
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"{root}: holds no complete checkpoint")
+    path = os.path.join(root, str(step), "meta", "metadata")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{root}: step {step} is missing or incomplete (no meta item)")
+    with open(path) as f:
+        return step, json.load(f)

@@ -1,0 +1,307 @@
+"""MMEB-train rows: JSONL / parquet files read into validated query / positive / negative sides."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from btoks_jax.processing import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, convert_mmeb_placeholders
+from btoks_jax.processing.image import load_image
+
+Media = str | bytes  # a file path, or the encoded file itself (rows read back from ArrayRecord)
+
+NTP_SIDES = ("positive", "query", "both", "none")
+FORMATS = ("mmeb", "tfds")
+# "mmeb" keeps the files' `<|image_1|>` placeholders (what the ArrayRecord copy stores); the other two are
+# the Qwen2-VL prompts of section 7 of PAPER.md.
+PROMPT_STYLES = ("btoks", "vlm2vec", "mmeb")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+# Per side: (text field, image field, video field). The video field is this project's extension for
+# frame-based rows (a folder of frames or a list of frame paths), named as in the MMEB-V2 evaluation files.
+FIELDS = {
+    "query": ("qry", "qry_image_path", "qry_video_path"),
+    "positive": ("pos_text", "pos_image_path", "pos_video_path"),
+    "negative": ("neg_text", "neg_image_path", "neg_video_path"),
+}
+_IMAGE_PLACEHOLDER = re.compile(r"<\|image_\d+\|>")
+_VIDEO_PLACEHOLDER = re.compile(r"<\|video_\d+\|>")
+_VISION_STRINGS = re.compile("|".join(re.escape(t) for t in (VISION_START, VISION_END, IMAGE_TOKEN, VIDEO_TOKEN)))
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One training data set of the mixture.
+
+    path: for format "mmeb" a `.jsonl` / `.parquet` file or a glob of shards (read in sorted order); for
+      "tfds" the `data_dir` written by `btoks_jax.data.tfds_mmeb.build_tfds` (its config name is `name`).
+    image_root: folder the rows' relative image / frame paths start from (default: the file's folder).
+    weight: sampling weight of the data set's sub-batches.
+    ntp_side: which side the generative loss decodes (PAPER.md section 4): "positive" (the query's BToks
+      generate the positive text), "query", "both" or "none".
+    """
+
+    name: str
+    path: str
+    image_root: str | None = None
+    weight: float = 1.0
+    ntp_side: str = "positive"
+    format: str = "mmeb"
+
+    def __post_init__(self):
+        if self.ntp_side not in NTP_SIDES:
+            raise ValueError(f"dataset {self.name!r}: ntp_side must be one of {NTP_SIDES}, got {self.ntp_side!r}")
+        if not self.weight > 0:
+            raise ValueError(f"dataset {self.name!r}: weight must be > 0, got {self.weight}")
+        if self.format not in FORMATS:
+            raise ValueError(f"dataset {self.name!r}: format must be one of {FORMATS}, got {self.format!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """One input: its text (placeholders converted per the prompt style) and its media."""
+
+    text: str
+    image: Media | None = None
+    video: tuple[Media, ...] | None = None  # frames, in order
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRow:
+    query: Side
+    positive: Side
+    negative: Side | None  # None when the row has no negative (the main recipe uses none)
+    source: str  # "<file>: row <n>", so errors raised after reading still name the row
+
+
+class RowError(ValueError):
+    def __init__(self, field: str, message: str):
+        super().__init__(field, message)
+        self.field, self.message = field, message
+
+
+# ===================================== reading =====================================
+
+
+def source_files(path: str | os.PathLike) -> list[Path]:
+    """The files a spec's path names: one file, or the sorted matches of a glob."""
+    text = os.fspath(path)
+    if glob.has_magic(text):
+        files = sorted(Path(p) for p in glob.glob(text))
+        if not files:
+            raise FileNotFoundError(f"no files match {text}")
+        return files
+    if not Path(text).is_file():
+        raise FileNotFoundError(f"MMEB-train file not found: {text}")
+    return [Path(text)]
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, record) of a `.jsonl` (line numbers, blank lines skipped) or `.parquet` file."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    else:
+        raise ValueError(f"{path}: unsupported MMEB-train file type {path.suffix!r} (use .jsonl or .parquet)")
+
+
+def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
+                    prompt_style: str = "btoks", check_files: bool = True) -> list[TrainRow]:
+    """Reads MMEB-train rows from `.jsonl` / `.parquet` file(s).
+
+    Required fields: `qry`, `qry_image_path`, `pos_text`, `pos_image_path` (strings; "" or null for no
+    image); optional `neg_text`, `neg_image_path`, and `{qry,pos,neg}_video_path` (a folder of frame images
+    or a list of frame paths) for frame-based rows. Image paths are relative to `image_root` (default: the
+    file's folder). A side whose text holds an image placeholder but which has no image loses the
+    placeholder, as the reference code does for WebQA queries (logged); a side with media but no
+    placeholder, or no content at all, is an error.
+
+    Args:
+      path: a file or a glob of shards.
+      image_root: folder the relative media paths start from.
+      prompt_style: "btoks" (`<|vision_start|><|image_pad|><|vision_end|>`), "vlm2vec" (a bare
+        `<|image_pad|>`) or "mmeb" (the files' `<|image_1|>` kept).
+      check_files: verify that every image / frame file exists (decoding is checked when a row is used).
+    Raises:
+      ValueError naming the file, the 1-based row number and the field of the first bad row.
+    """
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+    rows = []
+    for file in source_files(path):
+        root = Path(image_root) if image_root is not None else file.parent
+        stripped = 0
+        for number, record in iter_records(file):
+            source = f"{file}: row {number}"
+            try:
+                row, n = parse_record(record, root, source, check_files=check_files)
+            except RowError as err:
+                raise ValueError(f"{source}: field '{err.field}': {err.message}") from None
+            stripped += n
+            rows.append(apply_prompt_style(row, prompt_style))
+        if stripped:
+            log.warning("%s: removed the image placeholder of %d side(s) that have no image", file, stripped)
+    return rows
+
+
+def parse_record(record: Any, image_root: Path, source: str, *, check_files: bool = True) -> tuple[TrainRow, int]:
+    """One record -> (row with MMEB placeholders, number of placeholders dropped from sides without media).
+
+    Raises `RowError(field, message)`.
+    """
+    if not isinstance(record, dict):
+        raise RowError("<row>", f"expected an object with the MMEB-train fields, got {type(record).__name__}")
+    sides, stripped = {}, 0
+    for name, (text_field, image_field, video_field) in FIELDS.items():
+        required = name != "negative"
+        text = _text(record, text_field, required)
+        image = _image(record, image_field, image_root, check_files, required)
+        video = _frames(record, video_field, image_root, check_files)
+        text, n = _check_placeholders(text, image, video, text_field)
+        if not text.strip() and image is None and video is None:
+            if required:
+                raise RowError(text_field, "the side has no text, image or video")
+            sides[name] = None
+            continue
+        stripped += n
+        sides[name] = Side(text, image, video)
+    return TrainRow(sides["query"], sides["positive"], sides["negative"], source), stripped
+
+
+def apply_prompt_style(row: TrainRow, prompt_style: str) -> TrainRow:
+    """The row with its MMEB placeholders turned into Qwen2-VL vision pads (identity for "mmeb")."""
+    if prompt_style == "mmeb":
+        return row
+
+    def convert(side: Side | None) -> Side | None:
+        if side is None:
+            return None
+        return dataclasses.replace(side, text=convert_mmeb_placeholders(side.text, wrap_vision=prompt_style == "btoks"))
+
+    return dataclasses.replace(row, query=convert(row.query), positive=convert(row.positive),
+                               negative=convert(row.negative))
+
+
+def text_only(text: str) -> str:
+    """The text of a side without its vision placeholders / pads: what the generative loss decodes."""
+    return _VISION_STRINGS.sub("", _VIDEO_PLACEHOLDER.sub("", _IMAGE_PLACEHOLDER.sub("", text))).strip()
+
+
+def _text(record: dict, field: str, required: bool) -> str:
+    if field not in record:
+        if required:
+            raise RowError(field, "missing")
+        return ""
+    value = record[field]
+    if value is None:  # parquet tables hold nulls where JSON holds ""
+        return ""
+    if not isinstance(value, str):
+        raise RowError(field, f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _image(record: dict, field: str, image_root: Path, check_files: bool, required: bool) -> str | None:
+    value = _text(record, field, required)
+    if not value.strip():
+        return None
+    path = image_root / value
+    if check_files and not path.is_file():
+        raise RowError(field, f"image file not found: {path}")
+    return str(path)
+
+
+def _frames(record: dict, field: str, image_root: Path, check_files: bool) -> tuple[str, ...] | None:
+    value = record.get(field)
+    if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if isinstance(value, str):
+        folder = image_root / value
+        if not folder.is_dir():
+            raise RowError(field, f"expected a folder of frame images, not found: {folder}")
+        frames = tuple(str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in FRAME_SUFFIXES)
+        if not frames:
+            raise RowError(field, f"no frame images ({', '.join(FRAME_SUFFIXES)}) in {folder}")
+        return frames
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise RowError(field, f"expected a folder or a list of frame paths, got {type(value).__name__}")
+    frames = tuple(str(image_root / v) for v in value)
+    missing = [f for f in frames if check_files and not Path(f).is_file()]
+    if missing:
+        raise RowError(field, f"frame file not found: {missing[0]}")
+    return frames
+
+
+def _check_placeholders(text: str, image, video, field: str) -> tuple[str, int]:
+    stripped = 0
+    for pattern, media, kind in ((_IMAGE_PLACEHOLDER, image, "image"), (_VIDEO_PLACEHOLDER, video, "video")):
+        count = len(pattern.findall(text))
+        if media is None and count:
+            text, stripped = pattern.sub("", text).strip(), stripped + count
+        elif media is not None and count != 1:
+            raise RowError(field, f"the side has one {kind} but its text holds {count} <|{kind}_1|> placeholders")
+    return text, stripped
+
+
+# ===================================== media =====================================
+
+
+def decode_image(media: Media) -> np.ndarray:
+    """uint8[H, W, 3]: a file opened as `processing.load_image` opens files (EXIF orientation, then RGB),
+    and encoded bytes the same way, so a row read back from ArrayRecord gives identical pixels."""
+    if isinstance(media, bytes):
+        with Image.open(io.BytesIO(media)) as opened:
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    return load_image(media)
+
+
+def load_media(row: TrainRow, side: str) -> tuple[list[np.ndarray] | None, list[list[np.ndarray]] | None]:
+    """Decoded (images, videos) of one side of a row, as `Processor` takes them (None where absent).
+
+    Raises ValueError naming the row's file, row number and media field when a file cannot be decoded.
+    """
+    content: Side = getattr(row, side)
+    _, image_field, video_field = FIELDS[side]
+    images = videos = None
+    try:
+        if content.image is not None:
+            images = [decode_image(content.image)]
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{row.source}: field '{image_field}': cannot read image {_describe(content.image)}: "
+                         f"{err}") from None
+    if content.video is not None:
+        frames = []
+        for frame in content.video:
+            try:
+                frames.append(decode_image(frame))
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                raise ValueError(f"{row.source}: field '{video_field}': cannot read frame {_describe(frame)}: "
+                                 f"{err}") from None
+        videos = [frames]
+    return images, videos
+
+
+def _describe(media: Media) -> str:
+    return f"<{len(media)} encoded bytes>" if isinstance(media, bytes) else media

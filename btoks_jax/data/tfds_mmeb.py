@@ -1,0 +1,135 @@
+"""MMEB-train rows as a TFDS ArrayRecord data set, built without TensorFlow and read back through `tfds.data_source`."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from btoks_jax.data.mmeb_train import PROMPT_STYLES, Side, TrainRow, apply_prompt_style, read_mmeb_train
+
+BUILDER_NAME = "mmeb_train"
+SIDES = ("query", "positive", "negative")
+
+
+@dataclasses.dataclass
+class MmebTrainConfig(tfds.core.BuilderConfig):
+    """One MMEB-train data set; the config name is the data set's name."""
+
+    source: str = ""  # a .jsonl / .parquet file or a glob of shards
+    image_root: str = ""  # folder the relative image paths start from ("": the file's folder)
+
+
+class MmebTrain(tfds.core.GeneratorBasedBuilder):
+    """Rows in file order, each side's text with its MMEB placeholders and the bytes of its image / frames.
+
+    Images are `tfds.features.Image` fed the encoded file bytes, which TFDS stores as they are (no
+    TensorFlow, no re-encoding), so the original files come back bit for bit through `read_tfds`. The
+    declared shape (None, None, 3) only matters to TFDS's own decoder, which this project does not use.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Query / positive / negative sides with image and frame bytes."}
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        # TFDS looks for download checksums next to the builder's package; nothing is downloaded here, and
+        # that look-up fails when the package resolves as a namespace package (some editable installs).
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        side = tfds.features.FeaturesDict({
+            "text": tfds.features.Text(),
+            "image": tfds.features.Sequence(tfds.features.Image(encoding_format=None)),  # zero or one
+            "video": tfds.features.Sequence(tfds.features.Image(encoding_format=None)),  # frames, in order
+        })
+        features = tfds.features.FeaturesDict(
+            {**dict.fromkeys(SIDES, side), "has_negative": np.bool_, "source": tfds.features.Text()})
+        # Record i is row i of the source, so indices and error messages keep meaning the same row.
+        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True,
+                                     description="MMEB-train rows (TIGER-Lab format) with their image files.")
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        config: MmebTrainConfig = self.builder_config
+        rows = read_mmeb_train(config.source, config.image_root or None, prompt_style="mmeb")
+        for index, row in enumerate(rows):
+            example = {name: _encode_side(getattr(row, name)) for name in SIDES}
+            yield index, {**example, "has_negative": row.negative is not None, "source": row.source}
+
+
+def _encode_side(side: Side | None) -> dict:
+    if side is None:
+        return {"text": "", "image": [], "video": []}
+    return {"text": side.text, "image": [] if side.image is None else [Path(side.image).read_bytes()],
+            "video": [Path(frame).read_bytes() for frame in side.video or ()]}
+
+
+def build_tfds(source: str | os.PathLike, name: str, data_dir: str | os.PathLike,
+               image_root: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """Writes the MMEB-train file(s) at `source` as ArrayRecord data set `mmeb_train/{name}` under `data_dir`.
+
+    Rows are validated by `read_mmeb_train` first (a bad row raises ValueError naming file, row, field).
+    A version already built there is kept as is.
+    """
+    config = MmebTrainConfig(name=name, source=os.fspath(source),
+                             image_root="" if image_root is None else os.fspath(image_root))
+    builder = MmebTrain(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+    builder.download_and_prepare()
+    return builder
+
+
+class _EncodedBytes(tfds.decode.Decoder):
+    """Hands back an image feature's stored bytes (TFDS's SkipDecoding has no NumPy path for sequences)."""
+
+    def decode_example(self, serialized_example):
+        return serialized_example
+
+    def decode_example_np(self, serialized_example):
+        return serialized_example
+
+    def decode_batch_example_np(self, serialized_examples):
+        return serialized_examples
+
+
+def data_source(data_dir: str | os.PathLike, name: str):
+    """The raw random-access `tfds.data_source` of a built data set (media as encoded bytes)."""
+    raw = {side: {"image": _EncodedBytes(), "video": _EncodedBytes()} for side in SIDES}
+    return tfds.data_source(f"{BUILDER_NAME}/{name}", split="train", data_dir=os.fspath(data_dir), decoders=raw,
+                            download=False)
+
+
+def read_tfds(data_dir: str | os.PathLike, name: str, *, prompt_style: str = "btoks") -> grain.MapDataset:
+    """A grain MapDataset of `TrainRow`s (media as encoded bytes) over a data set built by `build_tfds`.
+
+    Reading row i touches only record i, so a process reads only the rows it uses.
+    """
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
+    return grain.MapDataset.source(data_source(data_dir, name)).map(functools.partial(_to_row, prompt_style))
+
+
+def _to_row(prompt_style: str, record: dict) -> TrainRow:
+    sides = {name: _decode_side(record[name]) for name in SIDES}
+    if not record["has_negative"]:
+        sides["negative"] = None
+    return apply_prompt_style(TrainRow(**sides, source=_str(record["source"])), prompt_style)
+
+
+def _decode_side(side: dict) -> Side:
+    video = tuple(bytes(frame) for frame in side["video"])
+    image = [bytes(image) for image in side["image"]]
+    return Side(_str(side["text"]), image[0] if image else None, video or None)
+
+
+def _str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)

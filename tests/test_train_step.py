@@ -1,0 +1,77 @@
+"""Train steps: GradCache equals the full-batch gradient; a 2x2x2 mesh step equals the single-device step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import train_utils as U
+from btoks_jax import build, sharding as shd
+from btoks_jax import train_step as TS
+from btoks_jax.lora import LoRAConfig
+
+LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0)
+
+
+@pytest.mark.parametrize("objective", ["contrastive", "gic", "joint"])
+def test_gradcache_equals_full_batch(objective):
+    model = U.model()
+    batch, layouts = U.batch()
+    g, params, frozen = TS.split_model(model, "lora")
+    out = {}
+    for chunk in (0, 2):
+        cfg = TS.StepConfig(objective=objective, chunk_size=chunk)
+        f = jax.jit(lambda p, fr, b, cfg=cfg: TS.loss_and_grads(g, p, fr, b, layouts, 0, jax.random.key(0), cfg)[1:])
+        out[chunk] = f(params, frozen, batch)
+    (m0, g0), (m2, g2) = out[0], out[2]
+    assert abs(float(m0["loss"]) - float(m2["loss"])) <= 1e-5 * max(1.0, abs(float(m0["loss"])))
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0))
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g2)))
+    assert diff <= 1e-5 * max(1.0, scale), (diff, scale)
+
+
+def _one_step(mesh, objective, mode, chunk):
+    cfg = TS.StepConfig(objective=objective, trainable=mode, chunk_size=chunk)
+    model = build.build(U.CFG, num_btoks=U.K, lora=LORA if mode == "lora" else None, seed=3, mesh=mesh)
+    graphdef, params, frozen = TS.split_model(model, mode)
+    tx, schedule = TS.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    state = TS.init_state(params, tx, seed=0)
+    batch, layouts = U.batch(b=8, seed=1)
+    batch = jax.device_put(batch, TS.batch_shardings(batch, mesh))
+    step = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule, state=state,
+                           frozen=frozen, batch=batch, mesh=mesh)
+    new_state, metrics = step(state, frozen, batch)
+    return new_state, metrics
+
+
+@pytest.mark.parametrize("objective,mode,chunk", [("contrastive", "lora", 0), ("gic", "lora", 0),
+                                                  ("joint", "lora", 4), ("joint", "full", 0)])
+def test_mesh_step_equals_single_device_step(objective, mode, chunk):
+    assert jax.device_count() == 8, "the sharding tests need 8 (forced CPU) devices"
+    single = shd.make_mesh(devices=jax.devices()[:1])
+    mesh = shd.make_mesh(2, 2, 2)
+    s1, m1 = _one_step(single, objective, mode, chunk)
+    s8, m8 = _one_step(mesh, objective, mode, chunk)
+    assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * max(1.0, abs(float(m1["loss"])))
+    flat1 = dict(jax.tree_util.tree_flatten_with_path(s1.params)[0])
+    flat8 = dict(jax.tree_util.tree_flatten_with_path(s8.params)[0])
+    assert flat1.keys() == flat8.keys() and flat1
+    for path, a in flat1.items():
+        np.testing.assert_allclose(np.asarray(flat8[path]), np.asarray(a), rtol=0, atol=1e-5, err_msg=str(path))
+    # The parameters really are sharded as the rules say.
+    specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in flat8.items()}
+    if mode == "lora":
+        q_a = next(v for k, v in specs.items() if "layers'][0]['self_attn']['q_proj']['lora']['a'" in k)
+        q_b = next(v for k, v in specs.items() if "layers'][0]['self_attn']['q_proj']['lora']['b'" in k)
+        down_a = next(v for k, v in specs.items() if "['down_proj']['lora']['a'" in k)
+        assert q_a == P("fsdp", None) and q_b == P(None, "tensor") and down_a == P("tensor", None)
+        assert specs["['btoks'].value"] == P(None, "fsdp")
+    else:
+        q = next(v for k, v in specs.items() if "layers'][0]['self_attn']['q_proj']['kernel'" in k)
+        emb = next(v for k, v in specs.items() if "['embed_tokens']" in k)
+        assert q == P("fsdp", "tensor") and emb == P("tensor", "fsdp")
+        assert len(next(x for p, x in flat8.items() if "embed_tokens" in jax.tree_util.keystr(p))
+                   .addressable_shards[0].data.shape) == 2
