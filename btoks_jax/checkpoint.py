@@ -38,9 +38,11 @@ def _is_ckpt_root(path: str) -> bool:
 
 def save(mgr: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict, *,
          force: bool = False) -> bool:
-    return mgr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), frozen=ocp.args.StandardSave(frozen),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)), force=force)
+    items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                 meta=ocp.args.JsonSave(meta))
+    if jax.tree.leaves(frozen):  # full fine-tuning leaves nothing frozen, and Orbax refuses empty items
+        items["frozen"] = ocp.args.StandardSave(frozen)
+    return mgr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
 def abstract_like(tree, shardings):
@@ -56,13 +58,16 @@ def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state, abstra
     if step not in mgr.all_steps():
         raise CheckpointError(f"{mgr.directory}: no checkpoint for step {step} (have {sorted(mgr.all_steps())})")
     try:
-        out = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), frozen=ocp.args.StandardRestore(abstract_frozen),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+        items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+                     meta=ocp.args.JsonRestore())
+        if jax.tree.leaves(abstract_frozen):
+            items["frozen"] = ocp.args.StandardRestore(abstract_frozen)
+        out = mgr.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         raise CheckpointError(f"{mgr.directory}: step {step} cannot be restored into this model "
                               f"(written by another config, or incomplete): {e}") from e
-    return step, out.state, out.frozen, out.data, out.meta
+    frozen = out.frozen if "frozen" in items else abstract_frozen
+    return step, out.state, frozen, out.data, out.meta
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:

@@ -89,14 +89,12 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: M
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
-    """NamedShardings (a pytree like `state`) from each variable's `sharding_names` metadata."""
+    """NamedShardings from each variable's `sharding_names` metadata, in a tree shaped like `state`."""
 
     def one(var):
-        logical = getattr(var, "sharding_names", None) or var.get_metadata().get("out_sharding")
-        shape = var.value.shape
-        if not logical:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, logical_to_spec(logical, shape, mesh, rules))
+        logical = var.get_metadata().get("out_sharding")
+        spec = logical_to_spec(logical, var.value.shape, mesh, rules) if logical else PartitionSpec()
+        return var.replace(value=NamedSharding(mesh, spec))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -135,12 +135,17 @@ def test_bad_json_and_parquet_rows(tmp_path):
         read_mmeb_train(tmp_path / "rows.parquet")
 
 
-def test_placeholder_without_image_is_dropped(tmp_path):
-    # MMEB-train's WebQA queries carry <|image_1|> without an image; the reference code drops it.
-    path = _write_jsonl(tmp_path / "webqa.jsonl", [{**GOOD, "qry": "<|image_1|>\nFind the passage.",
-                                                    "qry_image_path": ""}])
+def test_placeholder_repairs(tmp_path):
+    # As the reference code: WebQA queries carry <|image_1|> without an image (dropped); VisDial negatives
+    # have an image and no text (the bare placeholder).
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ok.png").write_bytes(b"")
+    path = _write_jsonl(tmp_path / "rows.jsonl", [{**GOOD, "qry": "<|image_1|>\nFind the passage.",
+                                                   "qry_image_path": "", "neg_text": None,
+                                                   "neg_image_path": "images/ok.png"}])
     row = read_mmeb_train(path)[0]
     assert row.query.text == "Find the passage." and row.query.image is None
+    assert row.negative.text == "<|vision_start|><|image_pad|><|vision_end|>" and row.negative.image
 
 
 def test_unreadable_image_fails_when_used(emoji, tokenizer, tmp_path):

@@ -481,14 +481,23 @@ def run_loop(tmp_path: Path, states: dict, *flags: str) -> tuple[subprocess.Comp
     stand_in(bin_dir / "gcloud", f'exec {shlex.quote(sys.executable)} {tmp_path / "gcloud.py"} "$@"')
     (tmp_path / "state.json").write_text(json.dumps({**states, "log": str(tmp_path / "calls.jsonl")}))
     proc = subprocess.run(
-        [sys.executable, str(LAUNCH / "tpu.py"), "run", "--accelerator-type=v5litepod-16", PROJECT, *TRAIN_FLAGS,
-         "--repo=https://example.com/btoks.git", "--poll-seconds=0", *flags],
+        [
+            sys.executable,
+            str(LAUNCH / "tpu.py"),
+            "run",
+            "--accelerator-type=v5litepod-16",
+            PROJECT,
+            *TRAIN_FLAGS,
+            "--repo=https://example.com/btoks.git",
+            "--poll-seconds=0",
+            *flags,
+        ],
         check=False,
         env=dict(os.environ, PATH=str(bin_dir), FAKE_GCLOUD_STATE=str(tmp_path / "state.json")),
         capture_output=True,
         text=True,
         timeout=120,
-    )  # fmt: skip
+    )
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     kinds = []
     for argv in calls:
@@ -502,29 +511,55 @@ def run_loop(tmp_path: Path, states: dict, *flags: str) -> tuple[subprocess.Comp
 
 
 PREEMPTED_TWICE = {
-    "queued": ["NOT_FOUND", "WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE", "ACTIVE", "NOT_FOUND", "ACTIVE", "SUSPENDED",
-               "NOT_FOUND", "ACTIVE", "ACTIVE"],
+    "queued": [
+        "NOT_FOUND",
+        "WAITING_FOR_RESOURCES",
+        "ACTIVE",
+        "ACTIVE",
+        "ACTIVE",
+        "NOT_FOUND",
+        "ACTIVE",
+        "SUSPENDED",
+        "NOT_FOUND",
+        "ACTIVE",
+        "ACTIVE",
+    ],
     "node": ["READY", "PREEMPTED", "READY"],
     "probe": ["not running", "running 5", "not running", "not running", "exited 0"],
-}  # fmt: skip
-NEW_SLICE = ["queued-resources describe", "queued-resources create", "queued-resources describe", "probe", "setup",
-             "train"]  # fmt: skip
+}
+NEW_SLICE = [
+    "queued-resources describe",
+    "queued-resources create",
+    "queued-resources describe",
+    "probe",
+    "setup",
+    "train",
+]
 
 
 def test_run_recreates_preempted_slices_and_resumes_with_the_same_workdir(tmp_path):
     proc, kinds, calls = run_loop(tmp_path, PREEMPTED_TWICE, "--max-preemptions=2")
     assert proc.returncode == 0, proc.stderr
     watch = ["queued-resources describe", "tpu-vm describe", "probe"]
-    assert kinds == [
-        "queued-resources describe", "queued-resources create", "queued-resources describe",  # absent, waiting
-        *NEW_SLICE[2:],  # ACTIVE
-        *watch,  # running
-        "queued-resources describe", "tpu-vm describe", "queued-resources delete",  # node PREEMPTED
-        *NEW_SLICE,
-        "queued-resources describe", "queued-resources delete",  # queued resource SUSPENDED
-        *NEW_SLICE,
-        *watch, "queued-resources delete",  # exited 0: done, slice deleted
-    ]  # fmt: skip
+    assert (
+        kinds
+        == [
+            "queued-resources describe",
+            "queued-resources create",
+            "queued-resources describe",  # absent, waiting
+            *NEW_SLICE[2:],  # ACTIVE
+            *watch,  # running
+            "queued-resources describe",
+            "tpu-vm describe",
+            "queued-resources delete",  # node PREEMPTED
+            *NEW_SLICE,
+            "queued-resources describe",
+            "queued-resources delete",  # queued resource SUSPENDED
+            *NEW_SLICE,
+            *watch,
+            "queued-resources delete",  # exited 0: done, slice deleted
+        ]
+    )
     trains = [
         flag(argv, "--command") for argv in calls if "--worker=all" in argv and "nohup" in flag(argv, "--command")
     ]
@@ -601,19 +636,32 @@ def test_readme_table_is_the_generated_one():
 
 
 def result(topology: str, mesh, per_device_batch: int, accum: int, gib: float, fits: bool) -> dict:
-    return {"topology": topology, "mesh": mesh, "per_device_batch": per_device_batch, "accum": accum,
-            "bytes_per_chip": int(gib * 2**30), "hbm_bytes": 16 * 2**30, "fits": fits}  # fmt: skip
+    return {
+        "topology": topology,
+        "mesh": mesh,
+        "per_device_batch": per_device_batch,
+        "accum": accum,
+        "bytes_per_chip": int(gib * 2**30),
+        "hbm_bytes": 16 * 2**30,
+        "fits": fits,
+    }
 
 
 def test_apply_benchmark_picks_the_best_fitting_configuration(tmp_path, capsys):
     path = tmp_path / "aot.json"
-    path.write_text(json.dumps({"results": [
-        result("v5litepod-16", {"data": 4, "fsdp": 4, "tensor": 1}, 64, 16, 9.0, True),
-        result("v5litepod-16", [16, 1, 1], 64, 8, 15.0, True),
-        result("v5litepod-16", [2, 8, 1], 64, 8, 12.0, True),
-        result("v5litepod-16", [16, 1, 1], 64, 4, 19.0, False),
-        result("v4-8", [4, 1, 1], 256, 32, 40.0, False),
-    ]}))  # fmt: skip
+    path.write_text(
+        json.dumps(
+            {
+                "results": [
+                    result("v5litepod-16", {"data": 4, "fsdp": 4, "tensor": 1}, 64, 16, 9.0, True),
+                    result("v5litepod-16", [16, 1, 1], 64, 8, 15.0, True),
+                    result("v5litepod-16", [2, 8, 1], 64, 8, 12.0, True),
+                    result("v5litepod-16", [16, 1, 1], 64, 4, 19.0, False),
+                    result("v4-8", [4, 1, 1], 256, 32, 40.0, False),
+                ]
+            }
+        )
+    )
     table = topologies.apply_benchmark(path)
     best = table["v5litepod-16"]
     # Fewest chunks first (8 beats 16; 4 does not fit), then the least fsdp x tensor.

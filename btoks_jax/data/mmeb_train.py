@@ -135,9 +135,10 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
     Required fields: `qry`, `qry_image_path`, `pos_text`, `pos_image_path` (strings; "" or null for no
     image); optional `neg_text`, `neg_image_path`, and `{qry,pos,neg}_video_path` (a folder of frame images
     or a list of frame paths) for frame-based rows. Image paths are relative to `image_root` (default: the
-    file's folder). A side whose text holds an image placeholder but which has no image loses the
-    placeholder, as the reference code does for WebQA queries (logged); a side with media but no
-    placeholder, or no content at all, is an error.
+    file's folder). As in the reference code, a side whose text holds an image placeholder but which has no
+    image loses the placeholder (WebQA queries; logged), and a side with an image but no text becomes the
+    bare placeholder (VisDial negatives). A side with text and media but no placeholder, or with no content
+    at all, is an error.
 
     Args:
       path: a file or a glob of shards.
@@ -260,6 +261,8 @@ def _check_placeholders(text: str, image, video, field: str) -> tuple[str, int]:
         count = len(pattern.findall(text))
         if media is None and count:
             text, stripped = pattern.sub("", text).strip(), stripped + count
+        elif media is not None and count == 0 and not text_only(text):
+            text += f"<|{kind}_1|>"  # media without any text: the reference restores the bare placeholder
         elif media is not None and count != 1:
             raise RowError(field, f"the side has one {kind} but its text holds {count} <|{kind}_1|> placeholders")
     return text, stripped

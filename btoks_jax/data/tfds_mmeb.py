@@ -1,4 +1,4 @@
-"""MMEB-train rows as a TFDS ArrayRecord data set, built without TensorFlow and read back through `tfds.data_source`."""
+"""MMEB-train rows as a TFDS ArrayRecord data set, built without TensorFlow, read back via `tfds.data_source`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class MmebTrain(tfds.core.GeneratorBasedBuilder):
     """
 
     VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Query / positive / negative sides with image and frame bytes."}
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "Query / positive / negative sides, image and frame bytes."}
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -45,13 +45,8 @@ class MmebTrain(tfds.core.GeneratorBasedBuilder):
         return None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        side = tfds.features.FeaturesDict({
-            "text": tfds.features.Text(),
-            "image": tfds.features.Sequence(tfds.features.Image(encoding_format=None)),  # zero or one
-            "video": tfds.features.Sequence(tfds.features.Image(encoding_format=None)),  # frames, in order
-        })
         features = tfds.features.FeaturesDict(
-            {**dict.fromkeys(SIDES, side), "has_negative": np.bool_, "source": tfds.features.Text()})
+            {**{name: _side_features() for name in SIDES}, "has_negative": np.bool_, "source": tfds.features.Text()})
         # Record i is row i of the source, so indices and error messages keep meaning the same row.
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True,
                                      description="MMEB-train rows (TIGER-Lab format) with their image files.")
@@ -65,6 +60,14 @@ class MmebTrain(tfds.core.GeneratorBasedBuilder):
         for index, row in enumerate(rows):
             example = {name: _encode_side(getattr(row, name)) for name in SIDES}
             yield index, {**example, "has_negative": row.negative is not None, "source": row.source}
+
+
+def _side_features() -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict({
+        "text": tfds.features.Text(),
+        "image": tfds.features.Sequence(tfds.features.Image(encoding_format=None)),  # zero or one
+        "video": tfds.features.Sequence(tfds.features.Image(encoding_format=None)),  # frames, in order
+    })
 
 
 def _encode_side(side: Side | None) -> dict:

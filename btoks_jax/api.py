@@ -1,0 +1,217 @@
+"""The Python entry points: `from_pretrained` and an `Embedder` that embeds texts, images and videos.
+
+    import btoks_jax
+    model = btoks_jax.from_pretrained("path/to/hf_or_checkpoint_dir")
+    out = model(**hf_processor_outputs_as_numpy)       # hidden_states, logits (the Qwen2-VL port)
+    vectors = model.embed(["a cat"], images=[None])    # L2-normalised BToks embeddings
+
+A directory is either a Hugging Face-format Qwen2-VL directory (with or without `<|btok_i|>`
+rows, the authors' format) or a btoks-jax training workdir / checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from btoks_jax import build, checkpoint
+from btoks_jax.btoks import BToksModel, pack, pool
+from btoks_jax.config import Qwen2VLConfig, from_hf_config
+from btoks_jax.evaluate.mmeb import Item
+from btoks_jax.inputs import pack_hf_inputs
+from btoks_jax.mask import Layout
+from btoks_jax.processing import Processor, convert_mmeb_placeholders, load_tokenizer, sample_frame_indices
+from btoks_jax import sharding as shd
+
+PROMPT_STYLES = ("vlm2vec", "btoks")
+
+
+def item_prompt(item: Item, style: str = "vlm2vec") -> str:
+    """The text fed for one item: instruction then text, with the vision placeholder first when the
+    item has an image or video and the text names none. VLM2Vec style leaves pads bare; BToks style
+    wraps them in <|vision_start|>..<|vision_end|>."""
+    text = " ".join(p for p in (item.instruction.strip(), item.text.strip()) if p)
+    if item.video and "<|video_" not in text:
+        text = "<|video_1|>\n" + text.replace("<|image_1|>", "").strip()
+    elif item.image and "<|image_" not in text:
+        text = "<|image_1|>\n" + text
+    if not item.image and not item.video:
+        text = text.replace("<|image_1|>", "").strip()
+    return convert_mmeb_placeholders(text, wrap_vision=style == "btoks")
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Next power of two: few distinct shapes, so few compilations."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Embedder:
+    model: BToksModel
+    processor: Processor
+    config: Qwen2VLConfig
+    num_btoks: int
+    rope_convention: str = "mm_token_type_ids"
+    prompt_style: str = "vlm2vec"
+    max_frames: int = 8
+    mesh: jax.sharding.Mesh | None = None
+
+    def __post_init__(self):
+        self._embed_fns = {}
+        self._forward = jax.jit(lambda m, x: m.backbone(x))
+
+    # ------------------------------------------------------------------ the Qwen2-VL port itself
+
+    def __call__(self, **hf_inputs) -> dict[str, np.ndarray]:
+        """The plain Qwen2-VL forward on exactly what Hugging Face's processor returns (NumPy arrays):
+        input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw, pixel_values_videos,
+        video_grid_thw. Returns final (post-norm) hidden states and logits."""
+        inputs = pack_hf_inputs(hf_inputs, self.config, rope_convention=self.rope_convention)
+        hidden, logits = self._forward(self.model, inputs)
+        return {"hidden_states": np.asarray(hidden), "logits": np.asarray(logits)}
+
+    # ------------------------------------------------------------------ embeddings
+
+    def _embed_fn(self, layout: Layout, pooling: str):
+        key = (layout, pooling)
+        if key not in self._embed_fns:
+            self._embed_fns[key] = jax.jit(lambda m, x: pool(m.forward(x, layout), layout, pooling))
+        return self._embed_fns[key]
+
+    def _load_video(self, frames: Sequence[str]):
+        frames = list(frames)
+        if len(frames) > self.max_frames:
+            frames = [frames[i] for i in sample_frame_indices(len(frames), self.max_frames)]
+        if len(frames) % 2:
+            frames = frames + frames[-1:]  # temporal patches hold two frames
+        return frames
+
+    def embed_batch(self, items: Sequence[Item], pooling: str = "btoks") -> np.ndarray:
+        """float32[len(items), D], L2-normalised."""
+        if pooling == "btoks" and self.num_btoks == 0:
+            raise ValueError("this model has no BToks (K = 0): use pooling='last'")
+        texts = [item_prompt(it, self.prompt_style) for it in items]
+        images = [it.image for it in items if it.image and not it.video]
+        videos = [self._load_video(it.video) for it in items if it.video]
+        hf = self.processor(texts, images=images or None, videos=videos or None, padding_side="left")
+        real = hf["attention_mask"].sum(-1)
+        per_item = np.zeros(len(items), np.int64)
+        for key, has in (("image_grid_thw", lambda it: it.image and not it.video), ("video_grid_thw",
+                                                                                 lambda it: it.video)):
+            if key in hf:
+                owners = [i for i, it in enumerate(items) if has(it)]
+                np.add.at(per_item, owners, hf[key].prod(-1))
+        patches = int(per_item.max())
+        n = len(items)
+        shards = self.mesh.devices.size if self.mesh is not None else 1
+        rows = -(-n // shards) * shards
+        if rows != n:  # pad the batch with copies of the last row so it splits over the devices
+            hf = _repeat_last(hf, rows - n)
+        packed = pack(hf, self.config, num_btoks=self.num_btoks, query_len=_bucket(int(real.max())),
+                      rope_convention=self.rope_convention, patch_budget=_bucket(patches, 16) if patches else 0)
+        inputs = packed.inputs
+        if self.mesh is not None:
+            inputs = jax.device_put(inputs, _input_shardings(inputs, self.mesh))
+        return np.asarray(self._embed_fn(packed.layout, pooling)(self.model, inputs))[:n]
+
+    def embed_items(self, items: Sequence[Item], *, pooling: str = "btoks", batch_size: int = 16,
+                    progress: bool = True) -> np.ndarray:
+        """Embeds items in batches, grouped by kind so image and text items do not share padding."""
+        out = np.zeros((len(items), self.config.text_config.hidden_size), np.float32)
+        order = sorted(range(len(items)), key=lambda i: (items[i].kind, len(items[i].text)))
+        bar = tqdm(total=len(items), desc="embedding", unit="item", disable=not progress)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            out[idx] = self.embed_batch([items[i] for i in idx], pooling)
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def embed(self, texts: Sequence[str], images: Sequence[str | None] | None = None, *,
+              instructions: Sequence[str] | None = None, pooling: str = "btoks", batch_size: int = 16) -> np.ndarray:
+        """Convenience: parallel lists of texts, optional image paths and instructions."""
+        images = images or [None] * len(texts)
+        instructions = instructions or [""] * len(texts)
+        items = [Item(text=t, image=i, instruction=s) for t, i, s in zip(texts, images, instructions)]
+        return self.embed_items(items, pooling=pooling, batch_size=batch_size, progress=False)
+
+
+def _repeat_last(hf: dict, extra: int) -> dict:
+    out = dict(hf)
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        out[key] = np.concatenate([hf[key], np.repeat(hf[key][-1:], extra, 0)])
+    last = hf["input_ids"][-1]
+    for kind, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
+                                                                         "video_grid_thw")):
+        token = 151655 if kind == "image" else 151656
+        if grid in hf and (last == token).any():
+            # The repeated row re-uses the last item's pixels.
+            g = hf[grid][-1]
+            n = int(np.prod(g))
+            out[grid] = np.concatenate([hf[grid]] + [hf[grid][-1:]] * extra)
+            out[pix] = np.concatenate([hf[pix]] + [hf[pix][-n:]] * extra)
+    return out
+
+
+def _input_shardings(inputs, mesh):
+    def one(path, x):
+        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
+        return shd.batch_sharding(mesh, x.ndim, axis)
+
+    return jax.tree_util.tree_map_with_path(one, inputs)
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.basename(os.path.normpath(path)) == "checkpoints"
+
+
+def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = None, step: int | None = None,
+                    dtype: str = "float32", rope_convention: str = "mm_token_type_ids", prompt_style: str | None = None,
+                    btok_init: str = "im_end", shard: bool = True) -> Embedder:
+    """Loads a model, its tokenizer and processor settings from a Hugging Face-format directory or a
+    btoks-jax checkpoint. `num_btoks` defaults to the number of `<|btok_i|>` tokens in the directory's
+    tokenizer (the checkpoint's setting for a checkpoint), else 4."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory")
+    mesh = shd.make_mesh(devices=jax.devices()) if shard else shd.make_mesh(devices=jax.devices()[:1])
+    if is_checkpoint_dir(directory):
+        from btoks_jax.train import restore_model  # the trainer knows how a checkpoint was built
+
+        model, meta = restore_model(directory, step=step, mesh=mesh, merge=True)
+        cfg = model.config
+        processor = Processor(load_tokenizer(meta.get("tokenizer_dir")))
+        k = model.num_btoks
+        style = prompt_style or meta.get("prompt_style", "vlm2vec")
+        conv = meta.get("rope_convention", rope_convention)
+    else:
+        if not os.path.exists(os.path.join(directory, "config.json")):
+            raise FileNotFoundError(f"{directory}: neither a Hugging Face model directory (no config.json) nor a "
+                                    "btoks-jax checkpoint (no checkpoints/)")
+        cfg = from_hf_config(directory, dtype=dtype)
+        k = num_btoks if num_btoks is not None else (_count_btoks(directory) or 4)
+        model = build.build(cfg, num_btoks=k, hf_dir=directory, btok_init=btok_init, mesh=mesh)
+        processor = Processor.from_pretrained(directory) if _has_tokenizer(directory) else Processor(load_tokenizer())
+        style, conv = prompt_style or "vlm2vec", rope_convention
+    model.eval()
+    return Embedder(model=model, processor=processor, config=cfg, num_btoks=k, rope_convention=conv,
+                    prompt_style=style, mesh=mesh if mesh.devices.size > 1 else None)
+
+
+def _has_tokenizer(directory: str) -> bool:
+    return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.json"))
+
+
+def _count_btoks(directory: str) -> int:
+    k = 0
+    while build.hf_btok_ids(directory, k + 1) is not None:
+        k += 1
+    return k
+
+
+__all__ = ["Embedder", "from_pretrained", "item_prompt"]

@@ -1,0 +1,205 @@
+"""The `btoks` command: train, embed, eval, export, data and main (the demo on the embedded data)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+
+def _train(argv: list[str]) -> int:
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with ':arg'", flag_values=fv,
+                                    lock_config=False)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and TensorBoard logs go", flag_values=fv)
+    try:
+        fv(["btoks train"] + argv)
+    except flags.Error as e:
+        print(f"btoks train: {e}", file=sys.stderr)
+        return 2
+    if fv.config is None or not fv.workdir:
+        print("btoks train: --config and --workdir are required", file=sys.stderr)
+        return 2
+    from btoks_jax.train import train
+
+    train(fv.config, fv.workdir)
+    return 0
+
+
+def _read_embed_rows(path: str):
+    """JSONL rows {text, image?, video?, instruction?} -> Items; media paths relative to the file."""
+    from btoks_jax.evaluate.mmeb import Item
+
+    base = os.path.dirname(os.path.abspath(path))
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: row {n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {n}: expected a JSON object")
+            unknown = set(row) - {"text", "image", "video", "instruction", "id"}
+            if unknown:
+                raise ValueError(f"{path}: row {n}: unknown field(s) {sorted(unknown)}")
+            text, inst = row.get("text", ""), row.get("instruction", "")
+            if not isinstance(text, str) or not isinstance(inst, str):
+                raise ValueError(f"{path}: row {n}: field 'text'/'instruction' must be a string")
+            image = row.get("image") or None
+            if image is not None:
+                if not isinstance(image, str):
+                    raise ValueError(f"{path}: row {n}: field 'image' must be a path string")
+                image = os.path.join(base, image)
+                if not os.path.exists(image):
+                    raise ValueError(f"{path}: row {n}: field 'image': file not found: {image}")
+            video = row.get("video") or None
+            if video is not None:
+                if not isinstance(video, list) or not all(isinstance(v, str) for v in video) or len(video) < 1:
+                    raise ValueError(f"{path}: row {n}: field 'video' must be a non-empty list of frame paths")
+                video = tuple(os.path.join(base, v) for v in video)
+                missing = [v for v in video if not os.path.exists(v)]
+                if missing:
+                    raise ValueError(f"{path}: row {n}: field 'video': frame not found: {missing[0]}")
+            if not text and not inst and image is None and video is None:
+                raise ValueError(f"{path}: row {n}: empty input (no text, instruction, image or video)")
+            items.append(Item(text=text, image=image, video=video, instruction=inst))
+    if not items:
+        raise ValueError(f"{path}: no rows")
+    return items
+
+
+def _embed(args) -> int:
+    import btoks_jax
+
+    items = _read_embed_rows(args.input)
+    model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks)
+    vectors = model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size, progress=True)
+    tmp = args.output + ".tmp.npy"
+    np.save(tmp, vectors)
+    os.replace(tmp, args.output)
+    print(f"wrote {vectors.shape[0]} embeddings of dimension {vectors.shape[1]} to {args.output}")
+    return 0
+
+
+def _eval(args) -> int:
+    import btoks_jax
+    from btoks_jax.evaluate import mmeb
+    from btoks_jax.evaluate.run import evaluate_folder
+
+    model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks)
+    fn = lambda items: model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size,  # noqa: E731
+                                         progress=False)
+    datasets = args.datasets.split(",") if args.datasets else None
+    out = args.out or os.path.join(args.model, f"eval_{args.pooling}")
+    os.makedirs(out, exist_ok=True)
+    summary = evaluate_folder(fn, args.data, out_dir=out, datasets=datasets, batch_size=args.batch_size,
+                              max_rows=args.max_rows)
+    print(mmeb.format_summary(summary))
+    for name, s in summary["datasets"].items():
+        print(f"{name:<24} hit@1 {100 * s['hit@1']:5.1f}   ndcg_linear@5 {100 * s['ndcg_linear@5']:5.1f}")
+    print(f"scores written to {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from btoks_jax.convert.hf_export import export_from_checkpoint
+
+    export_from_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
+                           max_shard_size=int(float(args.max_shard_size_gb) * 2**30), overwrite=args.overwrite)
+    print(f"exported to {args.out}")
+    return 0
+
+
+def _data(args) -> int:
+    from btoks_jax.data.emoji_dataset import build_emoji_dataset
+
+    paths = build_emoji_dataset(args.out, seed=args.seed)
+    print(f"emoji data set in {paths.root}")
+    return 0
+
+
+def _main_job(args) -> int:
+    from btoks_jax.main_job import run
+
+    run(args.workdir, steps=args.steps, only=args.only)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="btoks", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train (see: btoks train --help; flags are --config, --workdir, --config.x=y)")
+
+    e = sub.add_parser("embed", help="embed a JSONL file of inputs into a .npy matrix (input order)")
+    e.add_argument("--model", required=True, help="Hugging Face-format directory or btoks-jax workdir")
+    e.add_argument("--input", required=True, help='JSONL rows {"text", "image", "video": [frames], "instruction"}')
+    e.add_argument("--output", required=True, help="the .npy file to write")
+    e.add_argument("--pooling", choices=("btoks", "last"), default="btoks")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    e.add_argument("--num-btoks", type=int, default=None)
+    e.set_defaults(fn=_embed)
+
+    v = sub.add_parser("eval", help="evaluate on an MMEB-V2-format folder")
+    v.add_argument("--model", required=True)
+    v.add_argument("--data", required=True, help="folder of MMEB-V2-format .jsonl/.parquet files")
+    v.add_argument("--datasets", default="", help="comma-separated subset (default: every file)")
+    v.add_argument("--out", default="", help="where score files go (default: MODEL/eval_POOLING)")
+    v.add_argument("--pooling", choices=("btoks", "last"), default="btoks")
+    v.add_argument("--batch-size", type=int, default=32)
+    v.add_argument("--max-rows", type=int, default=None)
+    v.add_argument("--step", type=int, default=None)
+    v.add_argument("--num-btoks", type=int, default=None)
+    v.set_defaults(fn=_eval)
+
+    x = sub.add_parser("export", help="export a checkpoint to Hugging Face PyTorch format")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--step", type=int, default=None)
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    x.add_argument("--max-shard-size-gb", default="5")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(fn=_export)
+
+    d = sub.add_parser("data", help="build the embedded emoji data set")
+    d.add_argument("--out", default="")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_data)
+
+    m = sub.add_parser("main", help="the demo: train BToks and last-token baselines on emoji data, compare")
+    m.add_argument("--workdir", default="runs/main")
+    m.add_argument("--steps", type=int, default=None)
+    m.add_argument("--only", default="", help="run one stage: data, train_btoks, train_last, eval, export, report")
+    m.set_defaults(fn=_main_job)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "train":
+        return _train(argv[1:])
+    args = build_parser().parse_args(argv)
+    if getattr(args, "out", None) == "" and args.command == "data":
+        from btoks_jax.config_base import default_data_dir
+
+        args.out = default_data_dir()
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"btoks {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Defaults shared by every training config in `configs/` (an ml_collections ConfigDict).
+
+Every field here is documented once; a config file overrides what its recipe changes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+EMOJI_TASKS = {"emoji_i2t": "positive", "emoji_t2i": "query", "emoji_cls": "positive"}
+
+
+def default_data_dir() -> str:
+    """Where the embedded emoji data set is built on first use ($BTOKS_DATA_DIR overrides)."""
+    return os.environ.get("BTOKS_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "btoks_jax",
+                                                            "emoji")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 5000
+    c.log_every = 10
+    c.progress = True
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)  # data=-1: all devices left over
+    c.sharding_rules = "default"  # see btoks_jax.sharding.RULE_SETS
+
+    # The architecture: a preset ("tiny", "qwen2-vl-2b", "qwen2-vl-7b") or the config.json of hf_dir,
+    # whose weights are then imported. `overrides` changes preset sizes: {"text": {...}, "vision": {...}}.
+    c.model = dict(preset="tiny", hf_dir="", overrides={}, dtype="float32", param_dtype="float32",
+                   attention_impl="dense", remat=False, btok_init="im_end")
+    c.lora = dict(enabled=False, rank=16, alpha=32.0, dropout=0.05, dora=False,
+                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    # train_step.StepConfig: objective contrastive | gic | joint; lambda = ntp_weight until ntp_until_step
+    # (None: the whole run); chunk_size = GradCache chunk (0: whole batch in one pass).
+    c.step = dict(objective="joint", temperature=0.02, ntp_weight=5.0, ntp_until_step=None,
+                  ntp_reduction="sample_mean", ntp_chunk_size=8, chunk_size=0, pooling="btoks",
+                  mask_mode="condensation", symmetric=False, trainable="lora")
+    c.optim = dict(learning_rate=5e-5, warmup_steps=100, weight_decay=0.01, clip_norm=1.0)
+    # data.pipeline.PipelineConfig fields plus the mixture; `prepare="emoji"` builds the embedded data set.
+    c.data = dict(
+        datasets=[], prepare="", global_batch_size=1024, subbatch_size=512, num_btoks=4,
+        buckets=((128, 512), (256, 1024), (512, 2048), (1024, 4096), (1536, 5120)), target_len=128,
+        prompt_style="btoks", rope_convention="legacy", image_min_pixels=28 * 28 * 4,
+        image_max_pixels=28 * 28 * 1280, video_min_pixels=128 * 28 * 28, video_max_pixels=28 * 28 * 768,
+        video_num_frames=8, seed=0, num_threads=16, prefetch_batches=2)
+    c.checkpoint = dict(every=500, keep=3, async_save=True)
+    c.evals = []  # evaluate.hooks.RetrievalHook specs
+    c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
+    return c
+
+
+def emoji_datasets(data_dir: str, tasks=tuple(EMOJI_TASKS)) -> list[dict]:
+    return [dict(name=t, path=os.path.join(data_dir, f"{t}_train.jsonl"), image_root=data_dir, weight=1.0,
+                 ntp_side=EMOJI_TASKS[t]) for t in tasks]

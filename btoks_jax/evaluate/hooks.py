@@ -1,0 +1,63 @@
+"""Evaluation hooks declared in the training config (`config.evals`), run every N steps.
+
+    config.evals = [dict(name="emoji", data_dir=..., every=100, datasets=None, pooling="btoks",
+                         batch_size=32, max_rows=None)]
+Each hook embeds with the current weights (dropout off) through the same code as `btoks eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from btoks_jax.evaluate.run import evaluate_folder
+
+
+@dataclasses.dataclass
+class RetrievalHook:
+    name: str
+    data_dir: str
+    every: int
+    processor: Any
+    mcfg: Any
+    meta: dict
+    mesh: Any
+    datasets: Sequence[str] | None = None
+    pooling: str = "btoks"
+    batch_size: int = 32
+    max_rows: int | None = None
+    at_end: bool = True
+
+    def due(self, step: int, total: int) -> bool:
+        return (self.every > 0 and step % self.every == 0) or (self.at_end and step == total)
+
+    def __call__(self, model, step: int) -> dict[str, float]:
+        from btoks_jax.api import Embedder
+
+        model.eval()
+        embedder = Embedder(model=model, processor=self.processor, config=self.mcfg,
+                            num_btoks=self.meta["num_btoks"], rope_convention=self.meta["rope_convention"],
+                            prompt_style=self.meta["prompt_style"],
+                            mesh=self.mesh if self.mesh.devices.size > 1 else None)
+        fn = lambda items: embedder.embed_items(items, pooling=self.pooling, batch_size=self.batch_size,  # noqa: E731
+                                                progress=False)
+        summary = evaluate_folder(fn, self.data_dir, datasets=self.datasets, batch_size=self.batch_size,
+                                  progress=False, max_rows=self.max_rows)
+        out = {f"{name}/hit@1": s["hit@1"] for name, s in summary["datasets"].items()}
+        out["mean_hit@1"] = sum(out.values()) / len(out)
+        return out
+
+
+def make_hooks(evals, *, workdir: str, tokenizer, mcfg, meta: dict, mesh) -> list[RetrievalHook]:
+    from btoks_jax.processing import ImageProcessor, Processor
+
+    hooks = []
+    data_cfg = meta["config"]["data"]
+    processor = Processor(tokenizer, ImageProcessor(min_pixels=data_cfg["image_min_pixels"],
+                                                    max_pixels=data_cfg["image_max_pixels"]))
+    for spec in evals or []:
+        spec = dict(spec)
+        hooks.append(RetrievalHook(name=spec.pop("name"), data_dir=spec.pop("data_dir"), every=spec.pop("every"),
+                                   processor=processor, mcfg=mcfg, meta=meta, mesh=mesh, **spec))
+    del workdir
+    return hooks

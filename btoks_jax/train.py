@@ -1,0 +1,312 @@
+"""The trainer: `btoks train --config configs/<name>.py --workdir DIR [--config.key=value ...]`.
+
+One top-to-bottom loop in phases: distributed set-up and mesh, model shapes and shardings, the
+model (restored from the workdir, imported from Hugging Face weights, or freshly initialised),
+data, the jitted update step, checkpoints, evaluation hooks, and the loop itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from btoks_jax import build, checkpoint
+from btoks_jax import sharding as shd
+from btoks_jax import train_step as TS
+from btoks_jax.config import Qwen2VLConfig, from_hf_config
+from btoks_jax.lora import LoRAConfig, merge_lora
+
+log = logging.getLogger("btoks.train")
+
+
+# ============================================================================== configuration pieces
+
+
+def _to_dict(cfg) -> dict:
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else dict(cfg)
+
+
+def lora_config(config) -> LoRAConfig | None:
+    lc = _to_dict(config.lora)
+    if not lc.pop("enabled", False):
+        return None
+    if "targets" in lc:
+        lc["targets"] = tuple(lc["targets"])
+    return LoRAConfig(**lc)
+
+
+def step_config(config) -> TS.StepConfig:
+    return TS.StepConfig(**_to_dict(config.step))
+
+
+def optimizer(config):
+    return TS.make_optimizer(total_steps=config.total_steps, **_to_dict(config.optim))
+
+
+def run_meta(config, mcfg: Qwen2VLConfig) -> dict[str, Any]:
+    """What a checkpoint must know to be rebuilt without the config file."""
+    return {
+        "model_config": mcfg.to_hf_dict(),
+        "runtime": {"dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype, "attention_impl": mcfg.attention_impl,
+                    "remat": mcfg.remat},
+        "num_btoks": config.data.num_btoks,
+        "lora": _to_dict(config.lora),
+        "trainable": config.step.trainable,
+        "optim": _to_dict(config.optim),
+        "total_steps": config.total_steps,
+        "tokenizer_dir": config.model.get("hf_dir") or None,
+        "prompt_style": config.data.prompt_style,
+        "rope_convention": config.data.rope_convention,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
+# ============================================================================== distributed set-up
+
+
+def maybe_initialize_distributed(config) -> None:
+    """`jax.distributed.initialize()` when asked (multi-host TPU pods auto-detect their peers)."""
+    dist = config.get("distributed", None)
+    wanted = os.environ.get("BTOKS_DISTRIBUTED") == "1" or (dist is not None and dist.get("enabled", False))
+    if not wanted or jax.distributed.is_initialized():
+        return
+    kwargs = {}
+    if dist is not None and dist.get("coordinator_address"):
+        kwargs = dict(coordinator_address=dist.coordinator_address, num_processes=dist.num_processes,
+                      process_id=dist.process_id)
+    jax.distributed.initialize(**kwargs)
+
+
+# ============================================================================== restore for inference / export
+
+
+def _abstract_state(mcfg, num_btoks, lora, mode, tx, mesh, rules=shd.DEFAULT_RULES):
+    graphdef, params, frozen = TS.split_model(build.abstract(mcfg, num_btoks, lora), mode)
+    p_sh = shd.state_shardings(params, mesh, rules)
+    f_sh = shd.state_shardings(frozen, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = _opt_shardings(tx, opt, p_sh, replicated)
+    state = TS.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                          params=checkpoint.abstract_like(params, p_sh),
+                          opt_state=checkpoint.abstract_like(opt, opt_sh),
+                          rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+    return graphdef, state, checkpoint.abstract_like(frozen, f_sh)
+
+
+def _opt_shardings(tx, opt, param_shardings, replicated):
+    """Optimizer moments take their parameter's sharding; counters and the like are replicated."""
+    import optax
+
+    return optax.tree_map_params(tx, lambda _, s: s, opt, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def restore_model(workdir: str, *, step: int | None = None, mesh=None, merge: bool = False):
+    """(BToksModel, meta) from a checkpoint; `merge` folds LoRA adapters into the base weights."""
+    step, meta = checkpoint.read_meta(workdir, step)
+    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
+    mcfg = from_hf_config(meta["model_config"], **meta["runtime"])
+    lc = dict(meta["lora"])
+    lora = None
+    if lc.pop("enabled", False):
+        lc["targets"] = tuple(lc.get("targets", ()))
+        lora = LoRAConfig(**lc)
+    tx, _ = TS.make_optimizer(total_steps=meta["total_steps"], **meta["optim"])
+    graphdef, abs_state, abs_frozen = _abstract_state(mcfg, meta["num_btoks"], lora, meta["trainable"], tx, mesh)
+    mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
+    _, state, frozen, _, _ = checkpoint.restore(mgr, step, abs_state, abs_frozen)
+    model = nnx.merge(graphdef, state.params, frozen)
+    if merge:
+        merge_lora(model.backbone)
+    return model, meta
+
+
+# ============================================================================== the training run
+
+
+def prepare_data(config) -> None:
+    """Builds the embedded data set on first use when the config asks for it (`data.prepare`)."""
+    what = config.data.get("prepare", "")
+    if not what:
+        return
+    if what != "emoji":
+        raise ValueError(f"unknown data.prepare {what!r} (only 'emoji')")
+    from btoks_jax.data.emoji_dataset import build_emoji_dataset
+
+    if jax.process_index() == 0:
+        build_emoji_dataset(config.data.prepare_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("emoji data set built")
+
+
+class _Preemption:
+    """SIGTERM (preemption notice) sets a flag; the loop saves at the next step boundary and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _device_batch(tb, shardings_fn, mesh):
+    """Process-local NumPy rows -> global sharded arrays (each process contributes its slice)."""
+    batch = {side: {"inputs": getattr(tb, side).inputs, "labels": getattr(tb, side).labels,
+                    "label_mask": getattr(tb, side).label_mask} for side in ("query", "positive")}
+    shardings = TS.batch_shardings(batch, mesh)
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Runs (or resumes) training in `workdir`; returns the last metrics."""
+    from tqdm.auto import tqdm
+
+    from btoks_jax.data.mmeb_train import DatasetSpec
+    from btoks_jax.data.pipeline import PipelineConfig, TrainBatchIterator
+    from btoks_jax.processing import load_tokenizer
+
+    # ---------------------------------------------------------------- distributed + mesh
+    maybe_initialize_distributed(config)
+    is_main = jax.process_index() == 0
+    mesh = shd.make_mesh(**_to_dict(config.mesh))
+    rules = shd.RULE_SETS[config.get("sharding_rules", "default")]
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
+
+    # ---------------------------------------------------------------- model shapes, optimizer
+    mcfg = build.model_config(_to_dict(config.model))
+    lora = lora_config(config)
+    scfg = step_config(config)
+    tx, schedule = optimizer(config)
+    meta = run_meta(config, mcfg)
+    mgr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep, save_every=1,
+                             async_save=config.checkpoint.get("async_save", True))
+
+    # ---------------------------------------------------------------- model: resume, import or init
+    data_state = None
+    if mgr.latest_step() is not None:
+        graphdef, abs_state, abs_frozen = _abstract_state(mcfg, config.data.num_btoks, lora, scfg.trainable, tx,
+                                                          mesh, rules)
+        start, state, frozen, data_state, saved_meta = checkpoint.restore(mgr, None, abs_state, abs_frozen)
+        if saved_meta.get("model_config") != meta["model_config"]:
+            raise checkpoint.CheckpointError(f"{workdir}: the checkpoint was written for another model config")
+        if is_main:
+            log.info("resumed from step %d", start)
+    else:
+        model = build.build(mcfg, num_btoks=config.data.num_btoks, lora=lora, hf_dir=config.model.get("hf_dir") or None,
+                            btok_init=config.model.get("btok_init", "im_end"), seed=config.seed, mesh=mesh,
+                            rules=rules, progress=is_main)
+        graphdef, params, frozen = TS.split_model(model, scfg.trainable)
+        state = TS.init_state(params, tx, config.seed)
+        start = 0
+    n_train = build.param_count(state.params)
+    if is_main:
+        log.info("trainable parameters: %s (mode %s), frozen: %s", f"{n_train:,}", scfg.trainable,
+                 f"{build.param_count(frozen):,}")
+
+    # ---------------------------------------------------------------- data
+    tokenizer = load_tokenizer(config.model.get("hf_dir") or None)
+    prepare_data(config)
+    datasets = [DatasetSpec(**d) for d in _to_dict(config.data)["datasets"]]
+    pcfg = {k: v for k, v in _to_dict(config.data).items() if k not in ("datasets", "prepare", "prepare_dir")}
+    pcfg["buckets"] = tuple(tuple(b) for b in pcfg["buckets"])
+    data = TrainBatchIterator(datasets, PipelineConfig(**pcfg), mcfg, tokenizer, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    if data_state is not None:
+        data.set_state(data_state)
+    elif start:
+        raise checkpoint.CheckpointError(f"{workdir}: checkpoint has no data iterator state")
+
+    # ---------------------------------------------------------------- update step (one jit per layout pair)
+    compiled: dict[Any, Any] = {}
+
+    def step_fn(batch, layouts):
+        if layouts not in compiled:
+            compiled[layouts] = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=scfg, tx=tx,
+                                                schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
+        return compiled[layouts]
+
+    # ---------------------------------------------------------------- evaluation hooks
+    from btoks_jax.evaluate.hooks import make_hooks
+
+    hooks = make_hooks(config.get("evals", []), workdir=workdir, tokenizer=tokenizer, mcfg=mcfg, meta=meta,
+                       mesh=mesh)
+
+    # ---------------------------------------------------------------- loop
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    total = config.total_steps
+    preempt = _Preemption()
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not is_main or not config.get(
+        "progress", True), dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    history_path = os.path.join(workdir, "metrics.jsonl")
+    t0, tokens = time.perf_counter(), 0
+    step = start
+    try:
+        while step < total:
+            tb = next(data)
+            layouts = (tb.query.layout, tb.positive.layout)
+            tokens += int(tb.query.inputs.segment_ids.sum() + tb.positive.inputs.segment_ids.sum()) \
+                * jax.process_count()
+            batch = _device_batch(tb, None, mesh)
+            with shd.activation_sharding(mesh, rules):
+                state, metrics = step_fn(batch, layouts)(state, frozen, batch)
+            step += 1
+            if step % config.log_every == 0 or step == total:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                dt = time.perf_counter() - t0
+                last.update(step=step, steps_per_s=config.log_every / dt if dt else 0.0,
+                            tokens_per_s=tokens / dt if dt else 0.0)
+                t0, tokens = time.perf_counter(), 0
+                if is_main:
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}",
+                                    tok_s=f"{last['tokens_per_s']:.0f}")
+                    for k, v in last.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                    with open(history_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+            bar.update(1)
+            for hook in hooks:
+                if hook.due(step, total):
+                    scores = hook(nnx.merge(graphdef, state.params, frozen), step)
+                    if is_main:
+                        for k, v in scores.items():
+                            writer.add_scalar(f"eval/{hook.name}/{k}".replace("@", "_at_"), v, step)
+                        with open(history_path, "a") as f:
+                            f.write(json.dumps({"step": step, "eval": hook.name, **scores}) + "\n")
+            if step % config.checkpoint.every == 0 or step == total or preempt.requested:
+                checkpoint.save(mgr, step, state, frozen, data.get_state(), meta, force=True)
+            if preempt.requested:
+                log.warning("SIGTERM: saved step %d, stopping", step)
+                break
+    finally:
+        mgr.wait_until_finished()
+        preempt.restore()
+        bar.close()
+        data.close()
+        if writer is not None:
+            writer.close()
+    return last

@@ -1,0 +1,46 @@
+r"""A tiny Qwen2-VL-architecture model trained from scratch on the embedded emoji data, on CPU.
+
+    btoks train --config configs/tiny_cpu.py --workdir runs/tiny
+    btoks train --config configs/tiny_cpu.py:runlocal --workdir runs/tiny_smoke     # a 4-step smoke run
+    btoks train --config configs/tiny_cpu.py:objective=contrastive,pooling=last --workdir runs/tiny_last
+
+Arguments (after the colon): runlocal, objective=joint|contrastive|gic, pooling=btoks|last,
+steps=N, batch=N, seed=N.
+"""
+
+from btoks_jax.config_args import parse_arg
+from btoks_jax.config_base import base_config, default_data_dir, emoji_datasets
+
+
+def get_config(arg=None):
+    a = parse_arg(arg, runlocal=False, objective="joint", pooling="btoks", steps=300, batch=32, seed=0,
+                  data_dir="")
+    c = base_config()
+    c.seed = a.seed
+    c.total_steps = 4 if a.runlocal else a.steps
+    c.log_every = 1 if a.runlocal else 10
+    c.model.preset = "tiny"
+    c.model.overrides = {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
+                         "vision": dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2)}
+    c.step.objective = a.objective
+    c.step.pooling = a.pooling
+    c.step.trainable = "full"  # from scratch: every weight trains
+    c.optim = dict(learning_rate=1e-3, warmup_steps=20 if not a.runlocal else 1, weight_decay=0.01, clip_norm=1.0)
+    data_dir = a.data_dir or default_data_dir()
+    c.data.prepare = "emoji"
+    c.data.prepare_dir = data_dir
+    c.data.datasets = emoji_datasets(data_dir)
+    c.data.num_btoks = 0 if a.pooling == "last" else 4
+    c.data.global_batch_size = 8 if a.runlocal else a.batch
+    c.data.subbatch_size = c.data.global_batch_size // 2
+    c.data.buckets = ((32, 64),)
+    c.data.target_len = 16 if a.objective != "contrastive" else 0
+    c.data.image_min_pixels = 28 * 28
+    c.data.image_max_pixels = 84 * 84
+    c.data.num_threads = 2
+    c.data.seed = a.seed
+    c.checkpoint = dict(every=2 if a.runlocal else 100, keep=2, async_save=True)
+    c.evals = [dict(name="emoji", data_dir=data_dir, every=0 if a.runlocal else 100, pooling=a.pooling,
+                    batch_size=64, max_rows=32 if a.runlocal else None)]
+    return c
