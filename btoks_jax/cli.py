@@ -112,7 +112,7 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from btoks_jax.convert.hf_export import export_from_checkpoint
+    from btoks_jax.convert.checkpoint_export import export_from_checkpoint
 
     export_from_checkpoint(args.checkpoint, args.out, step=args.step, dtype=args.dtype,
                            max_shard_size=int(float(args.max_shard_size_gb) * 2**30), overwrite=args.overwrite)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = default_data_dir()
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"btoks {args.command}: error: {e}", file=sys.stderr)
         return 2
 

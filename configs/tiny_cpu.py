@@ -5,7 +5,8 @@ r"""A tiny Qwen2-VL-architecture model trained from scratch on the embedded emoj
     btoks train --config configs/tiny_cpu.py:objective=contrastive,pooling=last --workdir runs/tiny_last
 
 Arguments (after the colon): runlocal, objective=joint|contrastive|gic, pooling=btoks|last,
-steps=N, batch=N, seed=N.
+steps=N, batch=N, seed=N, data_dir=DIR (default: $BTOKS_DATA_DIR or ~/.cache/btoks_jax/emoji),
+evals=0 (no evaluation hooks).
 """
 
 from btoks_jax.config_args import parse_arg
@@ -14,10 +15,10 @@ from btoks_jax.config_base import base_config, default_data_dir, emoji_datasets
 
 def get_config(arg=None):
     a = parse_arg(arg, runlocal=False, objective="joint", pooling="btoks", steps=300, batch=32, seed=0,
-                  data_dir="")
+                  data_dir="", evals=True)
     c = base_config()
     c.seed = a.seed
-    c.total_steps = 4 if a.runlocal else a.steps
+    c.total_steps = a.steps if a.runlocal and "steps=" in (arg or "") else (4 if a.runlocal else a.steps)
     c.log_every = 1 if a.runlocal else 10
     c.model.preset = "tiny"
     c.model.overrides = {"text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -41,6 +42,6 @@ def get_config(arg=None):
     c.data.num_threads = 2
     c.data.seed = a.seed
     c.checkpoint = dict(every=2 if a.runlocal else 100, keep=2, async_save=True)
-    c.evals = [dict(name="emoji", data_dir=data_dir, every=0 if a.runlocal else 100, pooling=a.pooling,
-                    batch_size=64, max_rows=32 if a.runlocal else None)]
+    c.evals = [dict(name="emoji", data_dir=data_dir, every=0 if a.runlocal else 50, pooling=a.pooling,
+                    batch_size=64, max_rows=32 if a.runlocal else None)] if a.evals else []
     return c

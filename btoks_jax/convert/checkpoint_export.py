@@ -1,0 +1,29 @@
+"""`btoks export`: a btoks-jax checkpoint -> a Hugging Face directory that plain `transformers` loads."""
+
+from __future__ import annotations
+
+import os
+
+from btoks_jax import checkpoint
+
+
+def export_from_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32",
+                           max_shard_size: int = 5 * 2**30, overwrite: bool = False, progress: bool = True) -> str:
+    """Restores `step` (default: the latest complete one) and exports it. Every check that can fail runs
+    before anything is written, and the export itself is published atomically, so a missing, half-written
+    or mismatched checkpoint leaves `out_dir` untouched."""
+    from btoks_jax.convert.hf_export import export_hf
+    from btoks_jax.processing import ImageProcessor, load_tokenizer
+    from btoks_jax.train import restore_model
+
+    if not os.path.isdir(checkpoint_dir):
+        raise checkpoint.CheckpointError(f"{checkpoint_dir}: no such checkpoint directory")
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty (use --overwrite)")
+    checkpoint.read_meta(checkpoint_dir, step)  # clear errors for missing / incomplete steps
+    model, meta = restore_model(checkpoint_dir, step=step)
+    data = meta["config"]["data"]
+    image_processor = ImageProcessor(min_pixels=data["image_min_pixels"], max_pixels=data["image_max_pixels"])
+    tokenizer = load_tokenizer(meta.get("tokenizer_dir"))
+    return export_hf(model, out_dir, tokenizer=tokenizer, image_processor=image_processor, dtype=dtype,
+                     max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
