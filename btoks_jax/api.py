@@ -80,7 +80,10 @@ class Embedder:
     def _embed_fn(self, layout: Layout, pooling: str):
         key = (layout, pooling)
         if key not in self._embed_fns:
-            self._embed_fns[key] = jax.jit(lambda m, x: pool(m.forward(x, layout), layout, pooling))
+            # Replicated output: in a multi-process run every process can then read all the embeddings.
+            out = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            self._embed_fns[key] = jax.jit(lambda m, x: pool(m.forward(x, layout), layout, pooling),
+                                           out_shardings=out)
         return self._embed_fns[key]
 
     def _load_video(self, frames: Sequence[str]):

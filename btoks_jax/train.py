@@ -144,7 +144,8 @@ def prepare_data(config) -> None:
         raise ValueError(f"unknown data.prepare {what!r} (only 'emoji')")
     from btoks_jax.data.emoji_dataset import build_emoji_dataset
 
-    if jax.process_index() == 0:
+    # A folder that already holds a built data set (whatever its settings) is used as it is.
+    if jax.process_index() == 0 and not os.path.exists(os.path.join(config.data.prepare_dir, "manifest.json")):
         build_emoji_dataset(config.data.prepare_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -211,10 +211,11 @@ def init_state(params, tx, seed: int) -> TrainState:
     """Optimizer state is created under jit so it inherits the parameters' shardings."""
     mesh = jax.tree.leaves(params)[0].sharding.mesh
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # jit, not device_put: in a multi-process run the mesh spans devices this process cannot address.
     opt_state = jax.jit(tx.init)(params)
     opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
-                             else jax.device_put(x, replicated), opt_state)
-    step, rng = jax.device_put((jnp.zeros((), jnp.int32), jax.random.key(seed)), replicated)
+                             else jax.jit(lambda y: y, out_shardings=replicated)(x), opt_state)
+    step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key(seed)), out_shardings=replicated)()
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 

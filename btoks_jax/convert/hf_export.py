@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -10,7 +9,7 @@ import re
 import shutil
 import struct
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ from btoks_jax.convert.hf_import import abstract_model, path_str
 from btoks_jax.lora import LoRAParam
 from btoks_jax.model.layers import Linear
 from btoks_jax.processing.image import ImageProcessor
-from btoks_jax.processing.tokenizer import add_btok_tokens, btok_token, save_tokenizer
+from btoks_jax.processing.tokenizer import add_btok_tokens, btok_token, load_tokenizer, save_tokenizer
 from btoks_jax.processing.video import VideoProcessor
 
 # Export dtype name -> (array dtype, safetensors dtype tag).
@@ -285,10 +284,10 @@ def model_card(config: Qwen2VLConfig, num_btoks: int, btok_ids: list[int], dtype
         "",
         "# Qwen2-VL multimodal embedding model" + (" with Bottleneck Tokens" if num_btoks else ""),
         "",
-        "A unified multimodal retrieval model (text, images, videos, visual documents) in the format of "
-        "\"Bottleneck Tokens for Unified Multimodal Retrieval\", exported by btoks-jax as a plain "
-        "`Qwen2VLForConditionalGeneration` checkpoint (LoRA / DoRA adapters merged into the weights, "
-        f"tensors in {dtype}, embedding width {hidden}).",
+        ("A unified multimodal retrieval model (text, images, videos, visual documents) in the format of "
+         "\"Bottleneck Tokens for Unified Multimodal Retrieval\", exported by btoks-jax as a plain "
+         "`Qwen2VLForConditionalGeneration` checkpoint (LoRA / DoRA adapters merged into the weights, "
+         f"tensors in {dtype}, embedding width {hidden})."),
         "",
     ]
     if source_note:
@@ -298,10 +297,10 @@ def model_card(config: Qwen2VLConfig, num_btoks: int, btok_ids: list[int], dtype
         "",
         method,
         "",
-        "Where an image goes, write `<|vision_start|><|image_pad|><|vision_end|>`; for a video "
-        "`<|vision_start|><|video_pad|><|vision_end|>`. Queries and candidates are embedded the same way and "
-        "scored by cosine similarity (a dot product of the normalised vectors). `AutoProcessor` needs "
-        "`torchvision` for its video processor.",
+        ("Where an image goes, write `<|vision_start|><|image_pad|><|vision_end|>`; for a video "
+         "`<|vision_start|><|video_pad|><|vision_end|>`. Queries and candidates are embedded the same way and "
+         "scored by cosine similarity (a dot product of the normalised vectors). `AutoProcessor` needs "
+         "`torchvision` for its video processor."),
         "",
         "```python",
         snippet.rstrip("\n"),
@@ -317,13 +316,21 @@ def model_card(config: Qwen2VLConfig, num_btoks: int, btok_ids: list[int], dtype
     return "\n".join(lines)
 
 
-def _btok_vocab(tokenizer, num_btoks: int, vocab_size: int):
-    """(tokenizer copy with `<|btok_i|>` added, their ids, the exported vocabulary size)."""
-    tokenizer = copy.deepcopy(tokenizer)  # adding tokens mutates; the caller's tokenizer stays as it was
-    ids = add_btok_tokens(tokenizer, num_btoks) if num_btoks else []
-    if ids and ids != list(range(ids[0], ids[0] + num_btoks)):
+def _save_tokenizer_with_btoks(tokenizer, num_btoks: int, vocab_size: int, directory: str):
+    """Saves the tokenizer with `<|btok_i|>` added; returns (their ids, the exported vocabulary size).
+
+    The tokens are added to a copy read back from `directory`, so the caller's tokenizer is not changed (a
+    deepcopy of a fast tokenizer costs seconds, the save and load a fraction of that).
+    """
+    save_tokenizer(tokenizer, directory)
+    if not num_btoks:
+        return [], vocab_size
+    copy = load_tokenizer(directory)
+    ids = add_btok_tokens(copy, num_btoks)
+    if ids != list(range(ids[0], ids[0] + num_btoks)):
         raise ValueError(f"the tokenizer gives <|btok_i|> ids {ids}, which are not consecutive")
-    return tokenizer, ids, max([vocab_size] + [i + 1 for i in ids])
+    save_tokenizer(copy, directory)
+    return ids, max(vocab_size, ids[-1] + 1)
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
@@ -358,8 +365,10 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
     video_preprocessor_config.json, the tokenizer with `<|btok_0|>`..`<|btok_{K-1}|>` added as special tokens,
     safetensors shards (each at most `max_shard_size` bytes unless one tensor is larger; an index when there are
     several) under the original on-disk key names, and a README.md model card. Adapters are merged into their
-    kernels on the fly: the model and the tokenizer are not modified. The K BTok vectors become the embedding rows
-    at the `<|btok_i|>` ids; the vocabulary grows only if it cannot hold those ids.
+    kernels on the fly, so the model is not modified; nor is the tokenizer's vocabulary (the tokens are added to a
+    copy). The K BTok vectors become the embedding rows at the `<|btok_i|>` ids; the vocabulary grows (new rows:
+    the mean row) only if it cannot hold those ids. `video_processor` (default: transformers' class defaults) is
+    written too, so that transformers and btoks_jax pick the same video pixel bounds.
 
     Tensors are cast on their device and fetched one at a time, then written straight into their shard, so the
     host holds about one tensor. Everything is written to a temporary directory next to `out_dir` and renamed at
@@ -376,28 +385,27 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
     video_processor = video_processor or VideoProcessor()
     _check_processor("image_processor", image_processor, config)
     _check_processor("video_processor", video_processor, config)
-    tokenizer, btok_ids, vocab = _btok_vocab(tokenizer, model.num_btoks, config.text_config.vocab_size)
     array_dtype, tag = DTYPES[dtype]
-    plan = _plan(model, array_dtype, btok_ids, vocab)
-    shards = _shards(plan, np.dtype(array_dtype).itemsize, max_shard_size)
+    itemsize = np.dtype(array_dtype).itemsize
 
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
+        btok_ids, vocab = _save_tokenizer_with_btoks(tokenizer, model.num_btoks, config.text_config.vocab_size, tmp)
+        plan = _plan(model, array_dtype, btok_ids, vocab)
+        shards = _shards(plan, itemsize, max_shard_size)
         files = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         with tqdm(total=len(plan), desc="exporting weights", disable=not progress, unit="tensor") as bar:
             for name, shard in zip(files, shards):
                 _write_safetensors(os.path.join(tmp, name), shard, array_dtype, tag, bar)
         if len(shards) > 1:
-            itemsize = np.dtype(array_dtype).itemsize
             index = {"metadata": {"total_size": sum(itemsize * int(np.prod(w.shape)) for w in plan)},
                      "weight_map": {w.key: name for name, shard in zip(files, shards) for w in shard}}
             _write_json(os.path.join(tmp, INDEX_FILE), index)
         _write_json(os.path.join(tmp, "config.json"), _hf_config(config, vocab, dtype))
         _write_json(os.path.join(tmp, "generation_config.json"), GENERATION_CONFIG)
-        save_tokenizer(tokenizer, tmp)
         image_processor.save_pretrained(tmp)
         video_processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
@@ -415,4 +423,4 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-__all__ = ["export_hf", "hf_state_dict_keys", "model_card", "DTYPES", "CARD_PLACEHOLDER_DIR"]
+__all__ = ["CARD_PLACEHOLDER_DIR", "DTYPES", "export_hf", "hf_state_dict_keys", "model_card"]
