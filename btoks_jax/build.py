@@ -85,7 +85,7 @@ def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None,
         return nnx.merge(graphdef, state)
 
     flat = {path_str(p): s for p, s in nnx.to_flat_state(shardings)}
-    backbone, _ = load_hf_weights(hf_dir, cfg, sharding_for=lambda path, shape: flat["backbone." + path],
+    backbone, _ = load_hf_weights(hf_dir, cfg, sharding_for=lambda path, shape: flat["backbone." + path].get_value(),
                                   progress=progress)
     model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), backbone=backbone)
     ids = hf_btok_ids(hf_dir, num_btoks)

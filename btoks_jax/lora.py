@@ -47,7 +47,7 @@ class LoRAAdapter(nnx.Module):
                            eager_sharding=False)
         self.scale = cfg.alpha / cfg.rank
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
-        self.magnitude = None
+        self.magnitude = nnx.data(None)
         if cfg.dora:
             self.magnitude = LoRAParam(jnp.linalg.norm(base.kernel.value.astype(jnp.float32), axis=0).astype(dtype),
                                        sharding_names=(base.axes[1],), eager_sharding=False)

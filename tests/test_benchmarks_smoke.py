@@ -1,0 +1,49 @@
+"""The ahead-of-time compile benchmark on the tiny preset: one GradCache step on a 2x2x2 CPU mesh, JSON schema."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jax
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "aot_compile_2b.py"
+
+# What launch/topologies.py and the launch scripts read from every record.
+FIELDS = {"topology", "chips", "mesh", "global_batch", "chunk_size", "per_device_chunk_rows", "query_len", "target_len",
+          "attention_impl", "bytes_per_chip", "hbm_bytes", "fits", "flops", "estimated_seconds", "per_device_batch",
+          "accum"}
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("aot_compile_2b", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_compile_writes_records(tmp_path, capsys):
+    assert jax.device_count() == 8, "the smoke test needs 8 (forced CPU) devices"
+    aot = _load()
+    out = tmp_path / "results.json"
+    args = aot.parse_args(["--tiny", "--mesh", "2,2,2", "--chunk-size", "8", "--out", str(out)])
+    assert aot.main(args) == 0
+    assert "COMPILED ESTIMATES" in capsys.readouterr().out
+    (record,) = json.loads(out.read_text())
+    assert FIELDS <= record.keys()
+    assert record["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    # 16 rows in chunks of 8 over data x fsdp = 4 batch shards: 2 rows per device per chunk, 2 chunks.
+    assert (record["global_batch"], record["per_device_chunk_rows"], record["num_chunks"]) == (16, 2, 2)
+    assert record["per_device_batch"] == 4 and record["accum"] == 2
+    assert record["bytes_per_chip"] == (record["argument_bytes"] + record["output_bytes"] + record["temp_bytes"]
+                                        - record["alias_bytes"]) > 0
+    assert record["fits"] is True and record["flops"] > 0
+
+    # --append replaces the record of the same configuration and keeps the others.
+    assert aot.main(aot.parse_args(["--tiny", "--mesh", "2,2,2", "--chunk-size", "8", "--out", str(out),
+                                    "--append"])) == 0
+    assert aot.main(aot.parse_args(["--tiny", "--mesh", "2,2,2", "--chunk-size", "16", "--out", str(out),
+                                    "--append"])) == 0
+    records = json.loads(out.read_text())
+    assert sorted(r["chunk_size"] for r in records) == [8, 16]
