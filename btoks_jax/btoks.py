@@ -220,4 +220,31 @@ def pack(hf: Mapping[str, Any], config: Qwen2VLConfig, *, num_btoks: int, query_
     return PackedBatch(inputs, layout, labels, label_mask)
 
 
-__all__ = ["BToksModel", "PackedBatch", "pack", "pool", "encode_target", "btok_token_ids", "IM_START_ID"]
+
+
+def generative_loss(model: BToksModel, hf_query: Mapping[str, Any], target_texts: Sequence[str], tokenizer, *,
+                    mask_mode: str = "condensation", target_len: int | None = None, reduction: str = "sample_mean",
+                    rope_convention: str = "mm_token_type_ids"):
+    """The GIC objective from outside the training loop, for checking the method.
+
+    `hf_query` is what a Hugging Face Qwen2-VL processor returns for the query side (NumPy arrays,
+    either padding side); `target_texts[i]` is the text sample i's BToks must generate. Returns
+    (per-sample loss float32[B], scored target logits: a list of float32[n_i, V] arrays, the logits
+    that predict each sample's scored tokens, and the mean loss under `reduction`).
+    """
+    from btoks_jax.losses import ntp_loss
+
+    targets = [encode_target(tokenizer, t, target_len) for t in target_texts]
+    length = target_len or max(len(ids) for ids, _ in targets)
+    packed = pack(hf_query, model.config, num_btoks=model.num_btoks, targets=targets, target_len=length,
+                  rope_convention=rope_convention)
+    _, logits = model(packed.inputs, packed.layout, pooling="btoks" if model.num_btoks else "last",
+                      mask_mode=mask_mode, target_logits=True)
+    loss, per_sample = ntp_loss(logits, packed.labels, packed.label_mask, reduction=reduction)
+    logits = np.asarray(logits)
+    scored = [logits[i][packed.label_mask[i]] for i in range(logits.shape[0])]
+    return np.asarray(per_sample), scored, float(loss)
+
+
+__all__ = ["BToksModel", "BTokParam", "PackedBatch", "pack", "pool", "encode_target", "btok_token_ids",
+           "generative_loss", "IM_START_ID"]

@@ -25,6 +25,7 @@ from btoks_jax import sharding as shd
 from btoks_jax import train_step as TS
 from btoks_jax.config import Qwen2VLConfig, from_hf_config
 from btoks_jax.lora import LoRAConfig, merge_lora
+from btoks_jax.mask import block_skip_fraction
 
 log = logging.getLogger("btoks.train")
 
@@ -241,6 +242,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def step_fn(batch, layouts):
         if layouts not in compiled:
+            if is_main:
+                for side, lay in zip(("query", "positive"), layouts):
+                    log.info("%s layout %s: the %s mask leaves %.1f%% of 512x512 attention tiles for the splash "
+                             "kernel to skip (causal alone: %.1f%%)", side, lay, scfg.mask_mode,
+                             100 * block_skip_fraction(lay, scfg.mask_mode), 100 * block_skip_fraction(lay, "full"))
             compiled[layouts] = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=scfg, tx=tx,
                                                 schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
         return compiled[layouts]

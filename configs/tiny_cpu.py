@@ -42,6 +42,10 @@ def get_config(arg=None):
     c.data.num_threads = 2
     c.data.seed = a.seed
     c.checkpoint = dict(every=2 if a.runlocal else 100, keep=2, async_save=True)
-    c.evals = [dict(name="emoji", data_dir=data_dir, every=0 if a.runlocal else 50, pooling=a.pooling,
-                    batch_size=64, max_rows=32 if a.runlocal else None)] if a.evals else []
+    every = 0 if a.runlocal else 50
+    c.evals = [dict(name="emoji", data_dir=data_dir, every=every, pooling=a.pooling, batch_size=64,
+                    max_rows=32 if a.runlocal else None),
+               dict(name="train_pairs", kind="train_pairs", train_files=[d["path"] for d in c.data.datasets],
+                    image_root=data_dir, every=every, pooling=a.pooling, batch_size=64,
+                    max_rows=32 if a.runlocal else 256)] if a.evals else []
     return c

@@ -272,3 +272,22 @@ def test_mask_layout_and_block_skipping():
     assert block_skip_fraction(big, "condensation") == pytest.approx(4 / 9)
     # BTok rows in the last row block keep its query tiles alive.
     assert block_skip_fraction(Layout(1024, 4, 508), "condensation") == pytest.approx(3 / 9)
+
+
+def test_generative_loss_function_matches_two_pass(models):
+    """The documented outside-the-loop GIC function on HF-processor-form inputs and a target text."""
+    from btoks_jax.btoks import generative_loss
+    from btoks_jax.processing import load_tokenizer
+
+    hf, model = models
+    tok = load_tokenizer()
+    query = _image_query()
+    text = "a small red fox"
+    per_sample, scored, loss = generative_loss(model, query, [text], tok)
+    ids = PREFIX + tok(text, add_special_tokens=False)["input_ids"] + [IM_END_ID]
+    ref_logits, _ = _hf_two_pass(hf, query, ids)
+    ref_scored = ref_logits[len(PREFIX) - 1:-1]  # the logits that predict the text tokens and <|im_end|>
+    assert scored[0].shape == ref_scored.shape
+    assert np.abs(scored[0] - ref_scored).max() <= TOL
+    ref_nll = torch.nn.functional.cross_entropy(torch.from_numpy(ref_scored), torch.tensor(ids[len(PREFIX):]))
+    assert abs(per_sample[0] - float(ref_nll)) <= TOL and abs(loss - float(ref_nll)) <= TOL
