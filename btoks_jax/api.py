@@ -12,6 +12,7 @@ rows, the authors' format) or a btoks-jax training workdir / checkpoint director
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Sequence
 
@@ -25,7 +26,8 @@ from btoks_jax.config import Qwen2VLConfig, from_hf_config
 from btoks_jax.evaluate.mmeb import Item
 from btoks_jax.inputs import pack_hf_inputs
 from btoks_jax.mask import Layout
-from btoks_jax.processing import Processor, convert_mmeb_placeholders, load_tokenizer, sample_frame_indices
+from btoks_jax.processing import (ImageProcessor, Processor, convert_mmeb_placeholders, load_tokenizer,
+                                  sample_frame_indices)
 from btoks_jax import sharding as shd
 
 PROMPT_STYLES = ("vlm2vec", "btoks")
@@ -64,6 +66,12 @@ class Embedder:
     def __post_init__(self):
         self._embed_fns = {}
         self._forward = jax.jit(lambda m, x: m.backbone(x))
+
+    @classmethod
+    def for_model(cls, model: BToksModel, tokenizer=None, **kwargs) -> "Embedder":
+        """Wraps an in-memory model (e.g. freshly built or being trained) with the packaged tokenizer."""
+        kwargs.setdefault("processor", Processor(tokenizer or load_tokenizer()))
+        return cls(model=model, config=model.config, num_btoks=model.num_btoks, **kwargs)
 
     # ------------------------------------------------------------------ the Qwen2-VL port itself
 
@@ -188,7 +196,9 @@ def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = Non
 
         model, meta = restore_model(directory, step=step, mesh=mesh, merge=True)
         cfg = model.config
-        processor = Processor(load_tokenizer(meta.get("tokenizer_dir")))
+        data = meta["config"]["data"]
+        processor = Processor(load_tokenizer(meta.get("tokenizer_dir")),
+                              ImageProcessor(min_pixels=data["image_min_pixels"], max_pixels=data["image_max_pixels"]))
         k = model.num_btoks
         style = prompt_style or meta.get("prompt_style", "vlm2vec")
         conv = meta.get("rope_convention", rope_convention)
@@ -197,13 +207,27 @@ def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = Non
             raise FileNotFoundError(f"{directory}: neither a Hugging Face model directory (no config.json) nor a "
                                     "btoks-jax checkpoint (no checkpoints/)")
         cfg = from_hf_config(directory, dtype=dtype)
+        recorded = read_export_settings(directory)
         k = num_btoks if num_btoks is not None else (_count_btoks(directory) or 4)
         model = build.build(cfg, num_btoks=k, hf_dir=directory, btok_init=btok_init, mesh=mesh)
         processor = Processor.from_pretrained(directory) if _has_tokenizer(directory) else Processor(load_tokenizer())
-        style, conv = prompt_style or "vlm2vec", rope_convention
+        style = prompt_style or recorded.get("prompt_style", "vlm2vec")
+        conv = recorded.get("rope_convention", rope_convention)
     model.eval()
     return Embedder(model=model, processor=processor, config=cfg, num_btoks=k, rope_convention=conv,
                     prompt_style=style, mesh=mesh if mesh.devices.size > 1 else None)
+
+
+EXPORT_SETTINGS = "btoks_jax.json"
+
+
+def read_export_settings(directory: str) -> dict:
+    """How an exported model was trained (prompt style, M-RoPE convention), if btoks-jax exported it."""
+    path = os.path.join(directory, EXPORT_SETTINGS)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _has_tokenizer(directory: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from btoks_jax import checkpoint
@@ -25,5 +26,14 @@ def export_from_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | Non
     data = meta["config"]["data"]
     image_processor = ImageProcessor(min_pixels=data["image_min_pixels"], max_pixels=data["image_max_pixels"])
     tokenizer = load_tokenizer(meta.get("tokenizer_dir"))
-    return export_hf(model, out_dir, tokenizer=tokenizer, image_processor=image_processor, dtype=dtype,
-                     max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+    out = export_hf(model, out_dir, tokenizer=tokenizer, image_processor=image_processor, dtype=dtype,
+                    max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                    source_note=f"btoks-jax checkpoint step {meta.get('step', 'latest')}")
+    # transformers ignores this file; btoks_jax.from_pretrained reads it to prompt the way training did.
+    from btoks_jax.api import EXPORT_SETTINGS
+
+    with open(os.path.join(out, EXPORT_SETTINGS), "w") as f:
+        json.dump({"num_btoks": meta["num_btoks"], "prompt_style": meta["prompt_style"],
+                   "rope_convention": meta["rope_convention"],
+                   "pooling": "btoks" if meta["num_btoks"] else "last"}, f, indent=1)
+    return out

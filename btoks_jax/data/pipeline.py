@@ -330,11 +330,15 @@ class TrainBatchIterator:
 
     def __next__(self) -> TrainBatch:
         samples: list[_Sample] = next(self._samples)
+        # Per side: longest input, most patches, and whether any sample generates from it. A side whose
+        # whole global batch generates nothing gets no target region at all, so no logits are wasted on it.
         needs = np.array([[max(len(s.sides[side]["input_ids"]) for s in samples),
-                           max(_num_patches(s.sides[side]) for s in samples)] for side in SIDES], np.int64)
+                           max(_num_patches(s.sides[side]) for s in samples),
+                           any(s.targets[side] is not None for s in samples)] for side in SIDES], np.int64)
         if self._agree is not None:
-            needs = np.asarray(self._agree(needs.reshape(-1)), np.int64).reshape(len(SIDES), 2)
-        packed = {side: self._pack(samples, side, *choose_bucket(self.config.buckets, *needs[i]))
+            needs = np.asarray(self._agree(needs.reshape(-1)), np.int64).reshape(len(SIDES), 3)
+        packed = {side: self._pack(samples, side, *choose_bucket(self.config.buckets, *needs[i, :2]),
+                                   target_len=self.config.target_len if needs[i, 2] else 0)
                   for i, side in enumerate(SIDES)}
         batch = TrainBatch(query=packed["query"], positive=packed["positive"],
                            dataset_ids=np.array([s.dataset for s in samples], np.int32),
@@ -342,10 +346,12 @@ class TrainBatchIterator:
         self._step += 1
         return batch
 
-    def _pack(self, samples: Sequence[_Sample], side: str, query_len: int, patch_budget: int) -> PackedBatch:
+    def _pack(self, samples: Sequence[_Sample], side: str, query_len: int, patch_budget: int,
+              target_len: int) -> PackedBatch:
         cfg = self.config
+        targets = [s.targets[side] for s in samples] if target_len else None
         return pack(_collate([s.sides[side] for s in samples]), self.model_config, num_btoks=cfg.num_btoks,
-                    query_len=query_len, targets=[s.targets[side] for s in samples], target_len=cfg.target_len,
+                    query_len=query_len, targets=targets, target_len=target_len,
                     rope_convention=cfg.rope_convention, patch_budget=patch_budget)
 
     def close(self) -> None:
