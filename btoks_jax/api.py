@@ -14,21 +14,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from btoks_jax import build, checkpoint
+from btoks_jax import build
+from btoks_jax import sharding as shd
 from btoks_jax.btoks import BToksModel, pack, pool
 from btoks_jax.config import Qwen2VLConfig, from_hf_config
 from btoks_jax.evaluate.mmeb import Item
 from btoks_jax.inputs import pack_hf_inputs
 from btoks_jax.mask import Layout
-from btoks_jax.processing import (ImageProcessor, Processor, convert_mmeb_placeholders, load_tokenizer,
-                                  sample_frame_indices)
-from btoks_jax import sharding as shd
+from btoks_jax.processing import (
+    ImageProcessor,
+    Processor,
+    convert_mmeb_placeholders,
+    load_tokenizer,
+    sample_frame_indices,
+)
 
 PROMPT_STYLES = ("vlm2vec", "btoks")
 
@@ -68,7 +73,7 @@ class Embedder:
         self._forward = jax.jit(lambda m, x: m.backbone(x))
 
     @classmethod
-    def for_model(cls, model: BToksModel, tokenizer=None, **kwargs) -> "Embedder":
+    def for_model(cls, model: BToksModel, tokenizer=None, **kwargs) -> Embedder:
         """Wraps an in-memory model (e.g. freshly built or being trained) with the packaged tokenizer."""
         kwargs.setdefault("processor", Processor(tokenizer or load_tokenizer()))
         return cls(model=model, config=model.config, num_btoks=model.num_btoks, **kwargs)

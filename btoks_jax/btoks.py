@@ -11,15 +11,24 @@ Legend: B batch, L = query_len + K + target_len, D width, K bottleneck tokens, V
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from btoks_jax.config import (ENDOFTEXT_ID, IM_END_ID, IM_START_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID,
-                              VISION_START_ID, Qwen2VLConfig)
+from btoks_jax.config import (
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IM_START_ID,
+    IMAGE_PAD_ID,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    Qwen2VLConfig,
+)
 from btoks_jax.inputs import ModelInputs, mm_token_type_ids_from_ids, pack_hf_inputs
 from btoks_jax.mask import Layout, static_mask
 from btoks_jax.model import Qwen2VL

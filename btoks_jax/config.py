@@ -88,7 +88,7 @@ class Qwen2VLConfig:
     attention_impl: str = "dense"  # "dense" (XLA) or "splash" (Pallas TPU kernel)
     remat: bool = False  # rematerialise every decoder / vision block in the backward pass
 
-    def replace(self, **kwargs: Any) -> "Qwen2VLConfig":
+    def replace(self, **kwargs: Any) -> Qwen2VLConfig:
         return dataclasses.replace(self, **kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ does that re-packing on the host and is exactly equivalent.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np

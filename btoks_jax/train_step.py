@@ -13,7 +13,8 @@ Legend: B global batch, C chunk, N = B // C chunks, D embedding width.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
@@ -87,6 +88,8 @@ def _side(model, side, layout: Layout, cfg: StepConfig, logits: bool):
 
 
 def _ntp_sum(logits, side, weights):
+    if logits is None:  # a side packed without a target region generates nothing
+        return jnp.float32(0.0)
     return jnp.sum(weights * losses.token_nll(logits, side["labels"]))
 
 

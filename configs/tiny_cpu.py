@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.data.datasets = emoji_datasets(data_dir)
     c.data.num_btoks = 0 if a.pooling == "last" else 4
     c.data.global_batch_size = 8 if a.runlocal else a.batch
-    c.data.subbatch_size = c.data.global_batch_size // 2
+    c.data.subbatch_size = c.data.global_batch_size  # one task a batch: one side generates, one compiles less
     c.data.buckets = ((32, 64),)
     c.data.target_len = 16 if a.objective != "contrastive" else 0
     c.data.image_min_pixels = 28 * 28

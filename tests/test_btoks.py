@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hf_utils as H
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,6 @@ import torch
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-import hf_utils as H
 from btoks_jax import losses
 from btoks_jax.btoks import BTOK_FIRST_ID, BToksModel, pack, pool
 from btoks_jax.config import IM_END_ID, IM_START_ID, tiny_config
@@ -103,7 +103,7 @@ def test_single_masked_pass_equals_authors_two_pass(models):
 
 def _hf_btok_embedding(hf, batch):
     """Mean of the HF hidden states at the <|btok_i|> rows appended after each row's last real token."""
-    rows, types = [], []
+    rows = []
     for ids, m in zip(batch["input_ids"], batch["attention_mask"]):
         rows.append(list(ids[m.astype(bool)]) + BTOK_IDS)
     padded = H.make_batch(rows, "right")

@@ -18,8 +18,8 @@ import pytest
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 sys.path.insert(0, str(LAUNCH))  # tpu.py imports topologies the way it does when run as a script
 
-import topologies
-import tpu
+import topologies  # noqa: E402
+import tpu  # noqa: E402
 
 PROJECT = "--project=btoks-test"
 WORKDIR = "gs://btoks-bucket/runs/exp1"

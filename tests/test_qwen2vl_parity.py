@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import hf_utils as H
 import jax
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-import hf_utils as H
 from btoks_jax.config import QWEN2_VL_2B, from_hf_config, tiny_config
 from btoks_jax.convert.hf_import import CheckpointMismatchError, abstract_model, load_hf_weights
 from btoks_jax.inputs import pack_hf_inputs

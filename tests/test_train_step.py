@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import train_utils as U
 from jax.sharding import PartitionSpec as P
 
-import train_utils as U
-from btoks_jax import build, sharding as shd
+from btoks_jax import build
+from btoks_jax import sharding as shd
 from btoks_jax import train_step as TS
 from btoks_jax.lora import LoRAConfig
 

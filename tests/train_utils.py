@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import hf_utils as H
 import numpy as np
 from flax import nnx
 
-import hf_utils as H
 from btoks_jax.btoks import BToksModel, pack
 from btoks_jax.config import IM_END_ID, IM_START_ID, tiny_config
 from btoks_jax.lora import LoRAConfig, apply_lora

@@ -21,14 +21,14 @@ def export_from_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | Non
         raise checkpoint.CheckpointError(f"{checkpoint_dir}: no such checkpoint directory")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (use --overwrite)")
-    checkpoint.read_meta(checkpoint_dir, step)  # clear errors for missing / incomplete steps
+    step, _ = checkpoint.read_meta(checkpoint_dir, step)  # clear errors for missing / incomplete steps
     model, meta = restore_model(checkpoint_dir, step=step)
     data = meta["config"]["data"]
     image_processor = ImageProcessor(min_pixels=data["image_min_pixels"], max_pixels=data["image_max_pixels"])
     tokenizer = load_tokenizer(meta.get("tokenizer_dir"))
     out = export_hf(model, out_dir, tokenizer=tokenizer, image_processor=image_processor, dtype=dtype,
                     max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
-                    source_note=f"btoks-jax checkpoint step {meta.get('step', 'latest')}")
+                    source_note=f"btoks-jax checkpoint, step {step}")
     # transformers ignores this file; btoks_jax.from_pretrained reads it to prompt the way training did.
     from btoks_jax.api import EXPORT_SETTINGS
 

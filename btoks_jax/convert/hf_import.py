@@ -8,7 +8,7 @@ tensor at a time, so host memory stays near one copy of the largest tensor plus 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import numpy as np

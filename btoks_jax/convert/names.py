@@ -18,7 +18,8 @@ import numpy as np
 RULES: list[tuple[str, str, str]] = [
     (r"visual\.patch_embed\.proj\.weight", "visual.patch_embed.proj.kernel", "conv3d"),
     (r"visual\.blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"visual.blocks.\1.\2.\3", "copy"),
-    (r"visual\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", r"visual.blocks.\1.\2.kernel", "linear"),
+    (r"visual\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.weight", r"visual.blocks.\1.\2.kernel",
+     "linear"),
     (r"visual\.blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.bias", r"visual.blocks.\1.\2.bias", "copy"),
     (r"visual\.merger\.ln_q\.(weight|bias)", r"visual.merger.ln_q.\1", "copy"),
     (r"visual\.merger\.mlp\.(0|2)\.weight", r"visual.merger.mlp_\1.kernel", "linear"),

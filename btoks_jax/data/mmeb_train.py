@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from btoks_jax.data.media import frame_paths
 from btoks_jax.processing import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, convert_mmeb_placeholders
 from btoks_jax.processing.image import load_image
 
@@ -26,7 +27,6 @@ FORMATS = ("mmeb", "tfds")
 # "mmeb" keeps the files' `<|image_1|>` placeholders (what the ArrayRecord copy stores); the other two are
 # the Qwen2-VL prompts of section 7 of PAPER.md.
 PROMPT_STYLES = ("btoks", "vlm2vec", "mmeb")
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # Per side: (text field, image field, video field). The video field is this project's extension for
 # frame-based rows (a folder of frames or a list of frame paths), named as in the MMEB-V2 evaluation files.
@@ -235,24 +235,10 @@ def _image(record: dict, field: str, image_root: Path, check_files: bool, requir
 
 
 def _frames(record: dict, field: str, image_root: Path, check_files: bool) -> tuple[str, ...] | None:
-    value = record.get(field)
-    if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
-        return None
-    if isinstance(value, str):
-        folder = image_root / value
-        if not folder.is_dir():
-            raise RowError(field, f"expected a folder of frame images, not found: {folder}")
-        frames = tuple(str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in FRAME_SUFFIXES)
-        if not frames:
-            raise RowError(field, f"no frame images ({', '.join(FRAME_SUFFIXES)}) in {folder}")
-        return frames
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise RowError(field, f"expected a folder or a list of frame paths, got {type(value).__name__}")
-    frames = tuple(str(image_root / v) for v in value)
-    missing = [f for f in frames if check_files and not Path(f).is_file()]
-    if missing:
-        raise RowError(field, f"frame file not found: {missing[0]}")
-    return frames
+    try:
+        return frame_paths(record.get(field), image_root, check_files)
+    except ValueError as e:
+        raise RowError(field, str(e)) from None
 
 
 def _check_placeholders(text: str, image, video, field: str) -> tuple[str, int]:

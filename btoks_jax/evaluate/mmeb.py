@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from btoks_jax.data.media import frame_paths
 from btoks_jax.evaluate.metrics import DEFAULT_KS, global_ranking_metrics, local_ranking_metrics
 
 # ===================================== the MMEB-V2 dataset map =====================================
@@ -116,7 +117,6 @@ class EvalRow:
     relevance: tuple[float, ...]  # one grade per candidate; > 0 means relevant
 
 
-_FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 class _RowError(ValueError):
@@ -244,19 +244,10 @@ def _media(value, data_dir: Path, field: str, check_files: bool) -> str | None:
 
 
 def _frames(value, data_dir: Path, field: str, check_files: bool) -> tuple[str, ...] | None:
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
-        folder = data_dir / value
-        if not folder.is_dir():
-            raise _RowError(field, f"expected a folder of frame images: {folder}")
-        frames = tuple(str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in _FRAME_SUFFIXES)
-        if not frames:
-            raise _RowError(field, f"no frame images in {folder}")
-        return frames
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise _RowError(field, "expected a folder or a list of frame paths")
-    return tuple(_media(v, data_dir, field, check_files) for v in value)
+    try:
+        return frame_paths(value, data_dir, check_files)
+    except ValueError as e:
+        raise _RowError(field, str(e)) from None
 
 
 def _relevance(value, num: int) -> tuple[float, ...]:

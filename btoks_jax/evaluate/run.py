@@ -9,8 +9,8 @@ known there, else ranking is local. Scores are written per data set as VLM2Vec's
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -16,8 +16,8 @@ from flax import nnx
 
 from btoks_jax.config import VisionConfig
 from btoks_jax.model import attention
-from btoks_jax.sharding import constrain
 from btoks_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, apply_rotary, vision_cos_sin
+from btoks_jax.sharding import constrain
 
 
 class PatchEmbed(nnx.Module):
