@@ -58,7 +58,9 @@ class BToksModel(nnx.Module):
         table = self.backbone.model.embed_tokens.value
         # The authors' stated intent: every BTok starts as the <|im_end|> (EOS) embedding.
         init = jnp.broadcast_to(table[min(IM_END_ID, table.shape[0] - 1)], (num_btoks, table.shape[1]))
-        self.btoks = BTokParam(jnp.asarray(init, table.dtype), sharding_names=(None, "embed"), eager_sharding=False)
+        # K = 0 (last-token pooling) carries no BTok parameter at all: checkpoints cannot hold empty arrays.
+        self.btoks = nnx.data(BTokParam(jnp.asarray(init, table.dtype), sharding_names=(None, "embed"),
+                                        eager_sharding=False) if num_btoks else None)
 
     def forward(self, inputs: ModelInputs, layout: Layout, *, mask_mode: str = "condensation"):
         """Final hidden states float[B, L, D] of a packed `[Q | B | T]` batch."""

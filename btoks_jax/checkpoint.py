@@ -25,6 +25,8 @@ class CheckpointError(ValueError):
 
 def manager(workdir: str, *, max_to_keep: int = 3, save_every: int = 1, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)

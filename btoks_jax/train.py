@@ -185,6 +185,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from btoks_jax.processing import load_tokenizer
 
     # ---------------------------------------------------------------- distributed + mesh
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
     maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
     mesh = shd.make_mesh(**_to_dict(config.mesh))

@@ -67,7 +67,9 @@ def _perturb(model, seed: int):
     rng = np.random.default_rng(seed)
     for a in _adapters(model):
         a.b.value = a.b.value + jnp.asarray(0.05 * rng.standard_normal(a.b.shape), a.b.value.dtype)
-    model.btoks.value = model.btoks.value + jnp.asarray(0.05 * rng.standard_normal(model.btoks.shape), jnp.float32)
+    if model.btoks is not None:
+        model.btoks.value = model.btoks.value + jnp.asarray(0.05 * rng.standard_normal(model.btoks.shape),
+                                                            jnp.float32)
 
 
 def _perturb_dora(model, seed: int):
