@@ -7,6 +7,7 @@ data, the jitted update step, checkpoints, evaluation hooks, and the loop itself
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -143,15 +144,23 @@ def prepare_data(config) -> None:
         return
     if what != "emoji":
         raise ValueError(f"unknown data.prepare {what!r} (only 'emoji')")
-    from btoks_jax.data.emoji_dataset import build_emoji_dataset
+    from btoks_jax.data.emoji_dataset import FORMAT_VERSION, build_emoji_dataset
 
-    # A folder that already holds a built data set (whatever its settings) is used as it is.
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(config.data.prepare_dir, "manifest.json")):
+    # A folder that already holds a data set of this format (whatever its other settings) is used as it is.
+    if jax.process_index() == 0 and _emoji_format(config.data.prepare_dir) != FORMAT_VERSION:
         build_emoji_dataset(config.data.prepare_dir)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("emoji data set built")
+
+
+def _emoji_format(directory: str) -> int | None:
+    try:
+        with open(os.path.join(directory, "manifest.json")) as f:
+            return json.load(f)["settings"]["format_version"]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class _Preemption:
@@ -242,16 +251,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # ---------------------------------------------------------------- update step (one jit per layout pair)
     compiled: dict[Any, Any] = {}
 
-    def step_fn(batch, layouts):
-        if layouts not in compiled:
+    def step_fn(batch, layouts, step):
+        cfg = scfg
+        if scfg.objective == "joint" and scfg.ntp_until_step is not None and step >= scfg.ntp_until_step:
+            # lambda is 0 from here on: the same gradients without computing the vocabulary logits.
+            cfg = dataclasses.replace(scfg, objective="contrastive")
+        key = (layouts, cfg.objective)
+        if key not in compiled:
             if is_main:
                 for side, lay in zip(("query", "positive"), layouts):
                     log.info("%s layout %s: the %s mask leaves %.1f%% of 512x512 attention tiles for the splash "
                              "kernel to skip (causal alone: %.1f%%)", side, lay, scfg.mask_mode,
                              100 * block_skip_fraction(lay, scfg.mask_mode), 100 * block_skip_fraction(lay, "full"))
-            compiled[layouts] = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=scfg, tx=tx,
-                                                schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
-        return compiled[layouts]
+            compiled[key] = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx,
+                                            schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
+        return compiled[key]
 
     # ---------------------------------------------------------------- evaluation hooks
     from btoks_jax.evaluate.hooks import make_hooks
@@ -281,7 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 * jax.process_count()
             batch = _device_batch(tb, None, mesh)
             with shd.activation_sharding(mesh, rules):
-                state, metrics = step_fn(batch, layouts)(state, frozen, batch)
+                state, metrics = step_fn(batch, layouts, step)(state, frozen, batch)
             step += 1
             if step % config.log_every == 0 or step == total:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -6,7 +6,8 @@ r"""A tiny Qwen2-VL-architecture model trained from scratch on the embedded emoj
 
 Arguments (after the colon): runlocal, objective=joint|contrastive|gic, pooling=btoks|last,
 steps=N, batch=N, seed=N, data_dir=DIR (default: $BTOKS_DATA_DIR or ~/.cache/btoks_jax/emoji),
-evals=0 (no evaluation hooks).
+evals=0 (no evaluation hooks), gic_warmup=F (lambda only for the first fraction F of the steps, the
+authors' main preset 2000/5000 = 0.4; 0 keeps it the whole run).
 """
 
 from btoks_jax.config_args import parse_arg
@@ -14,8 +15,8 @@ from btoks_jax.config_base import base_config, default_data_dir, emoji_datasets
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, runlocal=False, objective="joint", pooling="btoks", steps=300, batch=32, seed=0,
-                  data_dir="", evals=True)
+    a = parse_arg(arg, runlocal=False, objective="joint", pooling="btoks", steps=400, batch=32, seed=0,
+                  data_dir="", evals=True, gic_warmup=0.4)
     c = base_config()
     c.seed = a.seed
     c.total_steps = a.steps if a.runlocal and "steps=" in (arg or "") else (4 if a.runlocal else a.steps)
@@ -25,6 +26,8 @@ def get_config(arg=None):
                                       num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3)),
                          "vision": dict(depth=2, embed_dim=64, hidden_size=64, num_heads=4, mlp_ratio=2)}
     c.step.objective = a.objective
+    # The authors' main preset: lambda = 5 for the first 2000 of 5000 steps (GIC as warm-up), scaled to this run.
+    c.step.ntp_until_step = int(a.gic_warmup * c.total_steps) if a.gic_warmup else None
     c.step.pooling = a.pooling
     c.step.trainable = "full"  # from scratch: every weight trains
     c.optim = dict(learning_rate=1e-3, warmup_steps=20 if not a.runlocal else 1, weight_decay=0.01, clip_norm=1.0)
@@ -36,13 +39,13 @@ def get_config(arg=None):
     c.data.global_batch_size = 8 if a.runlocal else a.batch
     c.data.subbatch_size = c.data.global_batch_size  # one task a batch: one side generates, one compiles less
     c.data.buckets = ((32, 64),)
-    c.data.target_len = 16 if a.objective != "contrastive" else 0
+    c.data.target_len = 16 if a.objective != "contrastive" else 0  # 4 wrapper tokens + instruction + name
     c.data.image_min_pixels = 28 * 28
     c.data.image_max_pixels = 84 * 84
     c.data.num_threads = 2
     c.data.seed = a.seed
     c.checkpoint = dict(every=2 if a.runlocal else 100, keep=2, async_save=True)
-    every = 0 if a.runlocal else 50
+    every = 0 if a.runlocal else 100
     c.evals = [dict(name="emoji", data_dir=data_dir, every=every, pooling=a.pooling, batch_size=64,
                     max_rows=32 if a.runlocal else None),
                dict(name="train_pairs", kind="train_pairs", train_files=[d["path"] for d in c.data.datasets],

@@ -46,7 +46,7 @@ import emoji
 import numpy as np
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a shorter name->image instruction, so generated queries fit the target budget
 TASKS = ("emoji_i2t", "emoji_t2i", "emoji_cls")
 NUM_NAME_NEGATIVES = 50
 IMAGE_DIR = "images"
@@ -56,7 +56,7 @@ CREDITS = "CREDITS.md"
 # Instructions in the VLM2Vec manner: the query instruction says what to match, the image placeholder marks
 # where the image goes. Candidates that are plain names / subgroups carry no instruction, like MMEB labels.
 I2T_QUERY = "<|image_1|>\nIdentify the emoji in the given image by its name."
-T2I_QUERY = "Retrieve the emoji image that matches the given name:"
+T2I_QUERY = "Find the emoji named:"
 CLS_QUERY = "<|image_1|>\nClassify the emoji in the given image into its Unicode subgroup."
 IMAGE_TARGET = "<|image_1|>\nRepresent the given emoji image."
 
