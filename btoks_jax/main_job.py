@@ -185,18 +185,21 @@ def stage_report(workdir: str, scores: dict, export: dict) -> str:
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump({"table": table, "export_check": export}, f, indent=1)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     for run in ("btoks", "last"):
         train_rows, eval_rows = _history(workdir, run)
         steps = [r["step"] for r in train_rows]
         axes[0].plot(steps, [r["info_nce"] for r in train_rows], label=labels[run])
         if run == "btoks":
-            axes[1].plot(steps, [r["ntp"] for r in train_rows], label="GIC next-token loss")
-        axes[2].plot([r["step"] for r in eval_rows], [100 * r["mean_hit@1"] for r in eval_rows], marker="o",
-                     label=labels[run])
+            gic = [r for r in train_rows if r["ntp_weight"] > 0]  # lambda is 0 after the warm-up
+            axes[1].plot([r["step"] for r in gic], [r["ntp"] for r in gic], label="GIC next-token loss")
+        for hook, style in (("emoji", "-"), ("train_pairs", ":")):
+            rows = [r for r in eval_rows if r["eval"] == hook]
+            axes[2].plot([r["step"] for r in rows], [100 * r["mean_hit@1"] for r in rows], style, marker="o",
+                         label=f"{labels[run]}, {'test split' if hook == 'emoji' else 'training pairs'}")
     axes[0].set(title="InfoNCE (train)", xlabel="step")
     axes[1].set(title="NTP under the condensation mask (BToks run)", xlabel="step")
-    axes[2].set(title="test mean hit@1 (%)", xlabel="step")
+    axes[2].set(title="mean hit@1 (%): test split (51 / 99 candidates), training pairs (256)", xlabel="step")
     for ax in axes:
         ax.legend()
     fig.tight_layout()
