@@ -144,7 +144,7 @@ def test_two_processes_on_loopback_match_one_process(tmp_path):
         for key in one.keys() - set(TIMING_KEYS):
             assert two[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key, one[key], two[key])
     # The evaluation hook runs on both processes, with the same scores; only process 0 records them.
-    assert len(eval_2p) == 1 and eval_2p == eval_1p, (eval_1p, eval_2p)
+    assert [r["eval"] for r in eval_2p] == ["emoji", "train_pairs"] and eval_2p == eval_1p, (eval_1p, eval_2p)
 
     # One complete checkpoint per save, each process writing its share of the arrays.
     mgr = checkpoint.manager(str(multi), read_only=True, async_save=False)

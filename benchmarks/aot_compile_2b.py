@@ -1,0 +1,420 @@
+"""Ahead-of-time compile of the 2B joint BToks train step for a TPU slice: per-chip memory, fit, XLA cost estimates.
+
+Nothing runs on a TPU: the step is lowered with abstract inputs (shapes and shardings only, no weights) for the
+compile-only devices of a TPU topology that libtpu describes, and compiled by the real TPU compiler. What comes
+back are COMPILED ESTIMATES: per-chip bytes from `memory_analysis()` and flops / time from `cost_analysis()`.
+
+    python benchmarks/aot_compile_2b.py --topology v5e:4x4 --mesh 1,16,1 --chunk-size 64 --attention splash \\
+        --out results.json
+    python benchmarks/aot_compile_2b.py --tiny --out /tmp/tiny.json      # the same on CPU with the tiny preset
+
+Needs `pip install "jax[tpu]"` (libtpu) for TPU topologies; `--tiny` needs nothing extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+# ============================================================================== hardware and sequence budgets
+
+GIB = 2**30
+
+# Per TPU generation: HBM per chip, peak dense bf16 flop/s per chip (Cloud TPU documentation), how the Cloud
+# accelerator type counts (v4 and v5p name TensorCores, two per chip), and its prefix there.
+GENERATIONS = {
+    "v4": {"hbm": 32 * GIB, "peak_flops": 275e12, "cores_per_chip": 2, "accelerator": "v4"},
+    "v5e": {"hbm": 16 * GIB, "peak_flops": 197e12, "cores_per_chip": 1, "accelerator": "v5litepod"},
+    "v5p": {"hbm": 95 * GIB, "peak_flops": 459e12, "cores_per_chip": 2, "accelerator": "v5p"},
+    "v6e": {"hbm": 32 * GIB, "peak_flops": 918e12, "cores_per_chip": 1, "accelerator": "v6e"},
+}
+
+GLOBAL_BATCH = 1024  # PAPER.md section 6
+NUM_BTOKS = 4
+
+# The query side holds the largest image of the recipe, 28*28*1280 pixels: 1280 merged tokens from 5120 patches,
+# plus vision start/end and the instruction. 1404 query columns + K + 128 target columns make 1536 = 3 x 512, so
+# the splash kernel's 512 tiles cover the sequence with no padding (1408 would pad 1540 up to 2048).
+QUERY = {"query_len": 1404, "target_len": 128, "patches": 5120}
+# The positive side is text: 124 + K + 128 = 256 columns, one splash tile.
+POSITIVE = {"query_len": 124, "target_len": 128, "patches": 0}
+
+TINY_GLOBAL_BATCH = 16
+TINY_QUERY = {"query_len": 24, "target_len": 8, "patches": 64}
+TINY_POSITIVE = {"query_len": 12, "target_len": 8, "patches": 0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--topology", default="v5e:4x4", help="libtpu topology name, e.g. v5e:4x4, v5p:2x2x2, v6e:4x4, "
+                   "v4:2x2x2 (v4 is compiled megacore, one device per chip)")
+    p.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: 1,<chips>,1, i.e. pure fsdp)")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="GradCache chunk over the GLOBAL batch (StepConfig.chunk_size); rows per device per chunk "
+                        "= chunk / (data * fsdp). Default: one row per device")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help=f"default {GLOBAL_BATCH} ({TINY_GLOBAL_BATCH} with --tiny)")
+    p.add_argument("--attention", choices=("splash", "dense"), default="splash", help="decoder attention path")
+    p.add_argument("--query-len", type=int, default=None, help="query-side [Q] columns (image side)")
+    p.add_argument("--target-len", type=int, default=None, help="query-side [T] columns")
+    p.add_argument("--patches", type=int, default=None, help="query-side vision patch budget per sample")
+    p.add_argument("--pos-query-len", type=int, default=None, help="positive-side [Q] columns (text side)")
+    p.add_argument("--pos-target-len", type=int, default=None, help="positive-side [T] columns")
+    p.add_argument("--pos-patches", type=int, default=None, help="positive-side vision patch budget per sample")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout (the recipe's is 0.05). 0 by default: with dropout > 0 the GradCache step "
+                        "does not trace (TraceContextError from nnx.reseed on the frozen state, train_step._merge)")
+    p.add_argument("--no-remat", action="store_true", help="keep every block's activations (remat=False)")
+    p.add_argument("--tiny", action="store_true", help="tiny preset on forced CPU devices (smoke test)")
+    p.add_argument("--out", type=Path, default=None, help="JSON file: a list of result records")
+    p.add_argument("--append", action="store_true",
+                   help="merge into an existing --out (a record with the same configuration is replaced)")
+    return p.parse_args(argv)
+
+
+def _mesh_shape(text: str | None, chips: int) -> tuple[int, int, int]:
+    if text is None:
+        return 1, chips, 1
+    shape = tuple(int(x) for x in text.split(","))
+    if len(shape) != 3 or math.prod(shape) != chips:
+        raise SystemExit(f"--mesh {text} must be data,fsdp,tensor with product {chips} (the chips of the slice)")
+    return shape
+
+
+# ============================================================================== devices
+
+ARGS = parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.tiny:
+    # Forced host devices must be requested before jax is imported; 8 like the test suite.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# The default backend stays CPU: TPU devices come from the compile-only topology, not from a local chip.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from flax.errors import TraceContextError  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from btoks_jax import build  # noqa: E402
+from btoks_jax import sharding as shd  # noqa: E402
+from btoks_jax import train_step as TS  # noqa: E402
+from btoks_jax.config import QWEN2_VL_2B, tiny_config  # noqa: E402
+from btoks_jax.inputs import ModelInputs  # noqa: E402
+from btoks_jax.lora import LoRAConfig  # noqa: E402
+from btoks_jax.mask import Layout  # noqa: E402
+
+
+def topology_devices(name: str) -> tuple[str, list]:
+    """(generation, compile-only devices, one per chip) of a libtpu topology name such as 'v5e:4x4'."""
+    from jax.experimental import topologies
+
+    generation = name.split(":")[0].strip().lower()
+    if generation not in GENERATIONS:
+        raise SystemExit(f"unknown TPU generation in {name!r}; choose one of {sorted(GENERATIONS)}")
+    # v4 and v5p chips have two TensorCores; JAX runs them fused (megacore), one device per chip. libtpu's
+    # default v4 description exposes the two cores as separate devices, so ask for megacore explicitly.
+    kwargs = {"chip_config_name": "megacore"} if generation == "v4" else {}
+    return generation, list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
+
+
+def accelerator_type(generation: str, chips: int) -> str:
+    """The Cloud TPU accelerator type of a slice ('v5litepod-16'), the name launch/topologies.py keys on."""
+    g = GENERATIONS[generation]
+    return f"{g['accelerator']}-{chips * g['cores_per_chip']}"
+
+
+# ============================================================================== abstract state and batch
+
+
+def _with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying the matching leaves of `shardings` (same leaf order)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shard_leaves = jax.tree.leaves(shardings)
+    if len(leaves) != len(shard_leaves):
+        raise ValueError(f"{len(leaves)} leaves but {len(shard_leaves)} shardings")
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, shard_leaves)])
+
+
+def abstract_state(cfg, lora: LoRAConfig, tx, mesh):
+    """(graphdef, abstract TrainState, abstract frozen state), every leaf with the sharding the trainer uses."""
+    graphdef, params, frozen = TS.split_model(build.abstract(cfg, NUM_BTOKS, lora), "lora")
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = _with_shardings(params, shd.state_shardings(params, mesh))
+    frozen = _with_shardings(frozen, shd.state_shardings(frozen, mesh))
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    # Adam moments take their parameter's sharding; counters are replicated (as TS.init_state leaves them).
+    opt = optax.tree_map_params(
+        tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params),
+        param_shardings, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
+    state = TS.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                          opt_state=opt, rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+    return graphdef, state, frozen
+
+
+def abstract_side(cfg, batch: int, query_len: int, target_len: int, patches: int) -> tuple[dict, Layout]:
+    """One side of the packed `[Q | B | T]` batch as ShapeDtypeStructs (float32 pixels, as the pipeline gives)."""
+    layout = Layout(query_len, NUM_BTOKS, target_len)
+    length, i32 = layout.length, jnp.int32
+    s = jax.ShapeDtypeStruct
+    inputs = ModelInputs(
+        input_ids=s((batch, length), i32), positions=s((3, batch, length), i32), segment_ids=s((batch, length), i32),
+        vision_index=s((batch, length), i32), pixel_values=s((batch, patches, cfg.vision_config.patch_dim),
+                                                               jnp.float32),
+        patch_positions=s((batch, patches, 2), i32), patch_segment_ids=s((batch, patches), i32))
+    side = {"inputs": inputs, "labels": s((batch, target_len), i32), "label_mask": s((batch, target_len), jnp.bool_)}
+    return side, layout
+
+
+# ============================================================================== compile and read back
+
+
+@contextlib.contextmanager
+def _merge_with_copy():
+    """TS._merge with `nnx.merge(..., copy=True)`, for as long as the step is traced.
+
+    `train_step._merge` rebuilds the model from the closed-over frozen state without copying, so the
+    Variables the model holds belong to the outer `jit` trace; `nnx.remat` (vision and decoder blocks) and
+    `nnx.reseed` (LoRA dropout) then update them from the inner scan / grad trace, which flax refuses with a
+    TraceContextError. Fresh Variables over the same arrays change nothing in the computed program; the
+    workaround is applied only when the step as written fails to trace, and the record says so.
+    """
+    original = TS._merge
+
+    def merge(graphdef, params, frozen, key):
+        model = nnx.merge(graphdef, params, frozen, copy=True)
+        if key is not None and TS._has_dropout(model):
+            nnx.reseed(model, dropout=key)
+        return model
+
+    TS._merge = merge
+    try:
+        yield
+    finally:
+        TS._merge = original
+
+_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _oom_bytes(message: str) -> tuple[int, int] | None:
+    """(used, capacity) from the TPU compiler's out-of-HBM error, or None."""
+    m = _OOM.search(message)
+    if not m:
+        return None
+    return int(float(m.group(1)) * _UNIT[m.group(2)]), int(float(m.group(3)) * _UNIT[m.group(4)])
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax returned one dict per program
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def compile_step(args, *, tiny: bool) -> dict:
+    """Lowers and compiles one configuration; returns its result record (see benchmarks/README.md)."""
+    if tiny:
+        devices, generation = jax.devices(), None
+        model_cfg, q_budget, p_budget = tiny_config(), dict(TINY_QUERY), dict(TINY_POSITIVE)
+    else:
+        generation, devices = topology_devices(args.topology)
+        model_cfg, q_budget, p_budget = QWEN2_VL_2B, dict(QUERY), dict(POSITIVE)
+    for key, value in (("query_len", args.query_len), ("target_len", args.target_len), ("patches", args.patches)):
+        q_budget[key] = value if value is not None else q_budget[key]
+    for key, value in (("query_len", args.pos_query_len), ("target_len", args.pos_target_len),
+                       ("patches", args.pos_patches)):
+        p_budget[key] = value if value is not None else p_budget[key]
+    attention = "dense" if tiny else args.attention  # the Pallas kernel has no CPU lowering outside interpret mode
+    model_cfg = model_cfg.replace(dtype="bfloat16", param_dtype="float32", attention_impl=attention,
+                                  remat=not args.no_remat)
+
+    global_batch = args.global_batch or (TINY_GLOBAL_BATCH if tiny else GLOBAL_BATCH)
+    if tiny and args.mesh:  # forced CPU devices: use as many as the mesh asks for
+        devices = devices[:math.prod(int(x) for x in args.mesh.split(","))]
+    chips = len(devices)
+    data, fsdp, tensor = _mesh_shape(args.mesh, chips)
+    mesh = shd.make_mesh(data, fsdp, tensor, devices=devices)
+    batch_shards = data * fsdp
+    chunk = args.chunk_size or batch_shards
+    if global_batch % chunk or chunk % batch_shards:
+        raise SystemExit(f"chunk {chunk} must divide the global batch {global_batch} and be a multiple of "
+                         f"data x fsdp = {batch_shards}")
+    num_chunks = global_batch // chunk
+
+    lora = LoRAConfig(rank=16, alpha=32.0, dropout=args.lora_dropout)
+    step_cfg = TS.StepConfig(objective="joint", chunk_size=0 if num_chunks == 1 else chunk)
+    tx, schedule = TS.make_optimizer()
+    graphdef, state, frozen = abstract_state(model_cfg, lora, tx, mesh)
+    q_side, q_layout = abstract_side(model_cfg, global_batch, **q_budget)
+    p_side, p_layout = abstract_side(model_cfg, global_batch, **p_budget)
+    batch = {"query": q_side, "positive": p_side}
+    batch = _with_shardings(batch, TS.batch_shardings(batch, mesh))
+
+    # The same jit as TS.compile_step: explicit in/out shardings, the train state donated.
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
+    step = partial(TS.train_step, graphdef=graphdef, layouts=(q_layout, p_layout), cfg=step_cfg, tx=tx,
+                   schedule=schedule)
+    jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
+                     donate_argnums=(0,))
+
+    hbm = GENERATIONS[generation]["hbm"] if generation else 16 * GIB  # tiny: a nominal 16 GiB, smoke only
+    record = {
+        "topology": accelerator_type(generation, chips) if generation else "cpu",
+        "topology_name": args.topology if generation else f"cpu:{chips}",
+        "chips": chips,
+        "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
+        "global_batch": global_batch,
+        "chunk_size": chunk,
+        "per_device_chunk_rows": chunk // batch_shards,
+        "num_chunks": num_chunks,
+        "per_device_batch": global_batch // batch_shards,
+        "accum": num_chunks,
+        "query_len": q_budget["query_len"],
+        "target_len": q_budget["target_len"],
+        "patches": q_budget["patches"],
+        "sequence_len": q_layout.length,
+        "positive_query_len": p_budget["query_len"],
+        "positive_target_len": p_budget["target_len"],
+        "positive_patches": p_budget["patches"],
+        "positive_sequence_len": p_layout.length,
+        "num_btoks": NUM_BTOKS,
+        "attention_impl": attention,
+        "remat": model_cfg.remat,
+        "lora_dropout": args.lora_dropout,
+        "hbm_bytes": hbm,
+    }
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh), shd.activation_sharding(mesh):  # set_mesh: splash runs per shard via shard_map
+            try:
+                lowered = jitted.lower(state, frozen, batch)
+            except TraceContextError as e:
+                record["workaround"] = f"merge_copy ({type(e).__name__}: {e})"
+                with _merge_with_copy():
+                    lowered = jitted.lower(state, frozen, batch)
+            record["lower_seconds"] = round(time.perf_counter() - t0, 1)
+            # The traced program before partitioning and optimisation: the whole chunk's work, the model's own
+            # flop count (custom calls such as the splash kernel are not counted).
+            hlo_flops = float(_cost(lowered).get("flops", 0.0))
+            compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - an out-of-HBM compile is a result, anything else is reported
+        oom = _oom_bytes(str(e))
+        record["compile_seconds"] = round(time.perf_counter() - t0, 1)
+        if oom is None:
+            record["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            return record
+        # The compiler refuses programs that exceed the usable HBM; its message says by how much.
+        record.update(bytes_per_chip=oom[0], usable_hbm_bytes=oom[1], fits=False,
+                      error=f"out of HBM at compile time: {str(e)[:4000]}")
+        return record
+    record["compile_seconds"] = round(time.perf_counter() - t0, 1)
+
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+    # The executable's code sits in HBM too (hundreds of MB for this unrolled program), so it counts against the fit.
+    fits = total + mem.generated_code_size_in_bytes <= hbm
+    cost = _cost(compiled)
+    # XLA's cost analysis counts a while-loop body once, whatever its trip count. The step's work sits in two
+    # scans of num_chunks iterations each (GradCache's embedding pass and its gradient pass); what lies outside
+    # them (InfoNCE over the batch, the optimizer update on ~20M LoRA parameters) is negligible, so the step is
+    # about num_chunks times the reported numbers.
+    flops_raw = float(cost.get("flops", 0.0))
+    # XLA's time estimate comes out negative when the program holds custom calls it cannot cost (the Pallas
+    # splash kernel): no estimate then.
+    seconds_raw = float(cost.get("optimal_seconds", 0.0))
+    seconds_raw = seconds_raw if seconds_raw > 0 else None
+    peak = GENERATIONS[generation]["peak_flops"] if generation else None
+    flops = flops_raw * num_chunks
+    if seconds_raw is not None:
+        estimate, source = seconds_raw * num_chunks, "xla_optimal_seconds"
+    else:
+        estimate, source = (flops / peak, "xla_flops_at_peak") if peak else (None, None)
+    record.update(
+        argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
+        generated_code_bytes=mem.generated_code_size_in_bytes, bytes_per_chip=total, fits=fits,
+        flops_xla_raw=flops_raw, optimal_seconds_xla_raw=seconds_raw, flops=flops,
+        flops_global=flops * chips, hlo_flops_global=hlo_flops * num_chunks,
+        estimated_seconds=estimate, estimated_seconds_source=source,
+        peak_flops_seconds=flops / peak if peak else None,
+        hlo_peak_flops_seconds=hlo_flops * num_chunks / chips / peak if peak else None,
+    )
+    return record
+
+
+# ============================================================================== report
+
+
+def _gib(x) -> str:
+    return "-" if x is None else f"{x / GIB:.2f}"
+
+
+def print_table(records: list[dict]) -> None:
+    print("\nCOMPILED ESTIMATES (ahead-of-time TPU compile, abstract inputs; nothing was run or measured)")
+    head = (f"{'topology':<16}{'mesh d,f,t':<12}{'rows/dev/chunk':>15}{'chunks':>8}{'attn':>8}{'args GiB':>10}"
+            f"{'out GiB':>9}{'temp GiB':>10}{'total GiB':>11}{'HBM GiB':>9}{'fits':>6}{'TFLOP/chip':>12}"
+            f"{'XLA est s':>11}{'at peak s':>11}")
+    print(head)
+    print("-" * len(head))
+    for r in records:
+        mesh = f"{r['mesh']['data']},{r['mesh']['fsdp']},{r['mesh']['tensor']}"
+        name = f"{r['topology_name']}"
+        if "fits" not in r:
+            print(f"{name:<16}{mesh:<12}{r['per_device_chunk_rows']:>15}{r['num_chunks']:>8}{r['attention_impl']:>8}"
+                  f"  FAILED: {r.get('error', '')[:200]}")
+            continue
+        flops = f"{r['flops'] / 1e12:.1f}" if r.get("flops") else "-"
+        est = f"{r['estimated_seconds']:.2f}" if r.get("estimated_seconds") else "-"
+        peak = f"{r['peak_flops_seconds']:.2f}" if r.get("peak_flops_seconds") else "-"
+        print(f"{name:<16}{mesh:<12}{r['per_device_chunk_rows']:>15}{r['num_chunks']:>8}{r['attention_impl']:>8}"
+              f"{_gib(r.get('argument_bytes')):>10}{_gib(r.get('output_bytes')):>9}{_gib(r.get('temp_bytes')):>10}"
+              f"{_gib(r['bytes_per_chip']):>11}{_gib(r['hbm_bytes']):>9}{'yes' if r['fits'] else 'NO':>6}"
+              f"{flops:>12}{est:>11}{peak:>11}")
+        if not r["fits"] and r.get("error"):
+            print(f"    (compile refused: {r['error'][:300]})")
+    print("total = arguments + outputs + temporaries - donated aliases; TFLOP/chip and times are XLA's per-loop-body "
+          "numbers x GradCache chunks.")
+
+
+_KEY_FIELDS = ("topology_name", "mesh", "chunk_size", "global_batch", "attention_impl", "query_len", "target_len",
+               "patches", "positive_query_len", "positive_target_len", "positive_patches", "remat", "lora_dropout")
+
+
+def write_results(path: Path, records: list[dict], append: bool) -> None:
+    """A JSON list of records; only configurations with a byte count go in (launch/topologies.py needs one)."""
+    keep = [r for r in records if "bytes_per_chip" in r]
+    old = json.loads(path.read_text()) if append and path.exists() else []
+    key = lambda r: json.dumps([r.get(k) for k in _KEY_FIELDS], sort_keys=True)  # noqa: E731
+    new_keys = {key(r) for r in keep}
+    merged = [r for r in old if key(r) not in new_keys] + keep
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    print(f"wrote {len(keep)} record(s) to {path} ({len(merged)} in all)")
+
+
+def main(args: argparse.Namespace) -> int:
+    record = compile_step(args, tiny=args.tiny)
+    print_table([record])
+    if args.out is not None:
+        write_results(args.out, [record], args.append)
+    if "bytes_per_chip" not in record:
+        print(record.get("error", ""), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(ARGS))
+
