@@ -41,9 +41,7 @@ def test_tiny_compile_writes_records(tmp_path, capsys):
     assert record["fits"] is True and record["flops"] > 0
 
     # --append replaces the record of the same configuration and keeps the others.
-    assert aot.main(aot.parse_args(["--tiny", "--mesh", "2,2,2", "--chunk-size", "8", "--out", str(out),
-                                    "--append"])) == 0
-    assert aot.main(aot.parse_args(["--tiny", "--mesh", "2,2,2", "--chunk-size", "16", "--out", str(out),
-                                    "--append"])) == 0
+    other = dict(record, chunk_size=16)
+    aot.write_results(out, [dict(record, bytes_per_chip=1), other], append=True)
     records = json.loads(out.read_text())
-    assert sorted(r["chunk_size"] for r in records) == [8, 16]
+    assert sorted((r["chunk_size"], r["bytes_per_chip"] == 1) for r in records) == [(8, True), (16, False)]

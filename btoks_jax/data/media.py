@@ -1,8 +1,11 @@
-"""Resolution of the media fields of MMEB-format rows (shared by the training and evaluation readers)."""
+"""Reading MMEB-format files: records and media fields (shared by the training and evaluation readers)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -27,3 +30,22 @@ def frame_paths(value, root: Path, check_files: bool = True) -> tuple[str, ...] 
     if missing:
         raise ValueError(f"frame file not found: {missing[0]}")
     return frames
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, record) of a `.jsonl` (line numbers, blank lines skipped) or `.parquet` file."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl or .parquet)")

@@ -5,18 +5,16 @@ from __future__ import annotations
 import dataclasses
 import glob
 import io
-import json
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from btoks_jax.data.media import frame_paths
+from btoks_jax.data.media import frame_paths, iter_records
 from btoks_jax.processing import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, convert_mmeb_placeholders
 from btoks_jax.processing.image import load_image
 
@@ -107,25 +105,6 @@ def source_files(path: str | os.PathLike) -> list[Path]:
     if not Path(text).is_file():
         raise FileNotFoundError(f"MMEB-train file not found: {text}")
     return [Path(text)]
-
-
-def iter_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based row number, record) of a `.jsonl` (line numbers, blank lines skipped) or `.parquet` file."""
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
-    else:
-        raise ValueError(f"{path}: unsupported MMEB-train file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
 def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,

@@ -15,13 +15,13 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from btoks_jax.data.media import frame_paths
+from btoks_jax.data.media import frame_paths, iter_records
 from btoks_jax.evaluate.metrics import DEFAULT_KS, global_ranking_metrics, local_ranking_metrics
 
 # ===================================== the MMEB-V2 dataset map =====================================
@@ -145,34 +145,14 @@ def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None =
     path = Path(path)
     data_dir = Path(data_dir) if data_dir is not None else path.parent
     rows = []
-    for number, record in enumerate(_iter_records(path), start=1):
+    for number, record in iter_records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
         try:
             rows.append(_parse_row(record, data_dir, check_files))
         except _RowError as err:
             raise ValueError(f"{path}: row {number}: field '{err.field}': {err.message}") from None
     return rows
-
-
-def _iter_records(path: Path) -> Iterable[dict]:
-    if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: row {number}: not valid JSON ({err.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(  # noqa: TRY004 -- one error type for every bad row, as documented
-                        f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
-                yield record
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"{path}: unsupported evaluation file type {path.suffix!r} (use .jsonl or .parquet)")
 
 
 def _parse_row(record: dict, data_dir: Path, check_files: bool) -> EvalRow:
