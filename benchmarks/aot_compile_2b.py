@@ -1,12 +1,15 @@
 """Ahead-of-time compile of the 2B joint BToks train step for a TPU slice: per-chip memory, fit, XLA cost estimates.
 
+The step is the one `btoks train --config configs/qwen2vl_2b.py` runs: the model, LoRA / DoRA, step and optimizer
+settings are read from that config file, unmodified; only what a launch chooses (the mesh, the GradCache chunk) and
+the sequence budgets of the compiled batch come from the command line.
+
 Nothing runs on a TPU: the step is lowered with abstract inputs (shapes and shardings only, no weights) for the
 compile-only devices of a TPU topology that libtpu describes, and compiled by the real TPU compiler. What comes
 back are COMPILED ESTIMATES: per-chip bytes from `memory_analysis()` and flops / time from `cost_analysis()`.
 
-    python benchmarks/aot_compile_2b.py --topology v5e:4x4 --mesh 1,16,1 --chunk-size 64 --attention splash \\
-        --out results.json
-    python benchmarks/aot_compile_2b.py --tiny --out /tmp/tiny.json      # the same on CPU with the tiny preset
+    python benchmarks/aot_compile_2b.py --topology v5e:4x4 --mesh 1,16,1 --chunk-size 64 --out results.json
+    python benchmarks/aot_compile_2b.py --tiny --out /tmp/tiny.json      # configs/qwen2vl_2b.py:runlocal on CPU
 
 Needs `pip install "jax[tpu]"` (libtpu) for TPU topologies; `--tiny` needs nothing extra.
 """
@@ -14,14 +17,13 @@ Needs `pip install "jax[tpu]"` (libtpu) for TPU topologies; `--tiny` needs nothi
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import math
 import os
 import re
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 # ============================================================================== hardware and sequence budgets
@@ -37,8 +39,8 @@ GENERATIONS = {
     "v6e": {"hbm": 32 * GIB, "peak_flops": 918e12, "cores_per_chip": 1, "accelerator": "v6e"},
 }
 
-GLOBAL_BATCH = 1024  # PAPER.md section 6
-NUM_BTOKS = 4
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "configs" / "qwen2vl_2b.py"
 
 # The query side holds the largest image of the recipe, 28*28*1280 pixels: 1280 merged tokens from 5120 patches,
 # plus vision start/end and the instruction. 1404 query columns + K + 128 target columns make 1536 = 3 x 512, so
@@ -47,7 +49,6 @@ QUERY = {"query_len": 1404, "target_len": 128, "patches": 5120}
 # The positive side is text: 124 + K + 128 = 256 columns, one splash tile.
 POSITIVE = {"query_len": 124, "target_len": 128, "patches": 0}
 
-TINY_GLOBAL_BATCH = 16
 TINY_QUERY = {"query_len": 24, "target_len": 8, "patches": 64}
 TINY_POSITIVE = {"query_len": 12, "target_len": 8, "patches": 0}
 
@@ -60,20 +61,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=None,
                    help="GradCache chunk over the GLOBAL batch (StepConfig.chunk_size); rows per device per chunk "
                         "= chunk / (data * fsdp). Default: one row per device")
-    p.add_argument("--global-batch", type=int, default=None,
-                   help=f"default {GLOBAL_BATCH} ({TINY_GLOBAL_BATCH} with --tiny)")
-    p.add_argument("--attention", choices=("splash", "dense"), default="splash", help="decoder attention path")
+    p.add_argument("--config", default=str(RECIPE),
+                   help="the training config whose step is compiled (default: the 2B recipe, configs/qwen2vl_2b.py)")
+    p.add_argument("--global-batch", type=int, default=None, help="default: the config's data.global_batch_size")
+    p.add_argument("--attention", choices=("splash", "dense"), default=None,
+                   help="decoder attention path (default: the config's model.attention_impl)")
     p.add_argument("--query-len", type=int, default=None, help="query-side [Q] columns (image side)")
     p.add_argument("--target-len", type=int, default=None, help="query-side [T] columns")
     p.add_argument("--patches", type=int, default=None, help="query-side vision patch budget per sample")
     p.add_argument("--pos-query-len", type=int, default=None, help="positive-side [Q] columns (text side)")
     p.add_argument("--pos-target-len", type=int, default=None, help="positive-side [T] columns")
     p.add_argument("--pos-patches", type=int, default=None, help="positive-side vision patch budget per sample")
-    p.add_argument("--lora-dropout", type=float, default=0.0,
-                   help="LoRA dropout (the recipe's is 0.05). 0 by default: with dropout > 0 the GradCache step "
-                        "does not trace (TraceContextError from nnx.reseed on the frozen state, train_step._merge)")
-    p.add_argument("--no-remat", action="store_true", help="keep every block's activations (remat=False)")
-    p.add_argument("--tiny", action="store_true", help="tiny preset on forced CPU devices (smoke test)")
+    p.add_argument("--tiny", action="store_true",
+                   help="the config's :runlocal version (tiny model, same code paths) on forced CPU devices")
     p.add_argument("--out", type=Path, default=None, help="JSON file: a list of result records")
     p.add_argument("--append", action="store_true",
                    help="merge into an existing --out (a record with the same configuration is replaced)")
@@ -101,16 +101,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-from flax.errors import TraceContextError  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from btoks_jax import build  # noqa: E402
+from btoks_jax import build, train  # noqa: E402
 from btoks_jax import sharding as shd  # noqa: E402
 from btoks_jax import train_step as TS  # noqa: E402
-from btoks_jax.config import QWEN2_VL_2B, tiny_config  # noqa: E402
 from btoks_jax.inputs import ModelInputs  # noqa: E402
-from btoks_jax.lora import LoRAConfig  # noqa: E402
 from btoks_jax.mask import Layout  # noqa: E402
 
 
@@ -146,9 +142,24 @@ def _with_shardings(tree, shardings):
                               for x, s in zip(leaves, shard_leaves)])
 
 
-def abstract_state(cfg, lora: LoRAConfig, tx, mesh):
+def load_recipe(path: str, tiny: bool):
+    """The training config (an ml_collections ConfigDict) as `btoks train --config PATH[:ARG]` reads it."""
+    import importlib.util
+
+    file, _, arg = path.partition(":")
+    if tiny:
+        arg = ",".join(filter(None, [arg, "runlocal"]))
+    elif not arg and Path(file).resolve() == RECIPE:
+        arg = "data_root=unused"  # the step does not read data; the recipe refuses to load without a root
+    spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def abstract_state(model_cfg, num_btoks: int, lora, trainable: str, tx, mesh):
     """(graphdef, abstract TrainState, abstract frozen state), every leaf with the sharding the trainer uses."""
-    graphdef, params, frozen = TS.split_model(build.abstract(cfg, NUM_BTOKS, lora), "lora")
+    graphdef, params, frozen = TS.split_model(build.abstract(model_cfg, num_btoks, lora), trainable)
     replicated = NamedSharding(mesh, PartitionSpec())
     params = _with_shardings(params, shd.state_shardings(params, mesh))
     frozen = _with_shardings(frozen, shd.state_shardings(frozen, mesh))
@@ -162,9 +173,10 @@ def abstract_state(cfg, lora: LoRAConfig, tx, mesh):
     return graphdef, state, frozen
 
 
-def abstract_side(cfg, batch: int, query_len: int, target_len: int, patches: int) -> tuple[dict, Layout]:
+def abstract_side(cfg, batch: int, num_btoks: int, query_len: int, target_len: int, patches: int
+                  ) -> tuple[dict, Layout]:
     """One side of the packed `[Q | B | T]` batch as ShapeDtypeStructs (float32 pixels, as the pipeline gives)."""
-    layout = Layout(query_len, NUM_BTOKS, target_len)
+    layout = Layout(query_len, num_btoks, target_len)
     length, i32 = layout.length, jnp.int32
     s = jax.ShapeDtypeStruct
     inputs = ModelInputs(
@@ -177,31 +189,6 @@ def abstract_side(cfg, batch: int, query_len: int, target_len: int, patches: int
 
 
 # ============================================================================== compile and read back
-
-
-@contextlib.contextmanager
-def _merge_with_copy():
-    """TS._merge with `nnx.merge(..., copy=True)`, for as long as the step is traced.
-
-    `train_step._merge` rebuilds the model from the closed-over frozen state without copying, so the
-    Variables the model holds belong to the outer `jit` trace; `nnx.remat` (vision and decoder blocks) and
-    `nnx.reseed` (LoRA dropout) then update them from the inner scan / grad trace, which flax refuses with a
-    TraceContextError. Fresh Variables over the same arrays change nothing in the computed program; the
-    workaround is applied only when the step as written fails to trace, and the record says so.
-    """
-    original = TS._merge
-
-    def merge(graphdef, params, frozen, key):
-        model = nnx.merge(graphdef, params, frozen, copy=True)
-        if key is not None and TS._has_dropout(model):
-            nnx.reseed(model, dropout=key)
-        return model
-
-    TS._merge = merge
-    try:
-        yield
-    finally:
-        TS._merge = original
 
 _OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
 _UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -224,51 +211,48 @@ def _cost(compiled) -> dict:
 
 def compile_step(args, *, tiny: bool) -> dict:
     """Lowers and compiles one configuration; returns its result record (see benchmarks/README.md)."""
+    config = load_recipe(args.config, tiny)
     if tiny:
         devices, generation = jax.devices(), None
-        model_cfg, q_budget, p_budget = tiny_config(), dict(TINY_QUERY), dict(TINY_POSITIVE)
+        q_budget, p_budget = dict(TINY_QUERY), dict(TINY_POSITIVE)
     else:
         generation, devices = topology_devices(args.topology)
-        model_cfg, q_budget, p_budget = QWEN2_VL_2B, dict(QUERY), dict(POSITIVE)
+        q_budget, p_budget = dict(QUERY), dict(POSITIVE)
     for key, value in (("query_len", args.query_len), ("target_len", args.target_len), ("patches", args.patches)):
         q_budget[key] = value if value is not None else q_budget[key]
     for key, value in (("query_len", args.pos_query_len), ("target_len", args.pos_target_len),
                        ("patches", args.pos_patches)):
         p_budget[key] = value if value is not None else p_budget[key]
-    attention = "dense" if tiny else args.attention  # the Pallas kernel has no CPU lowering outside interpret mode
-    model_cfg = model_cfg.replace(dtype="bfloat16", param_dtype="float32", attention_impl=attention,
-                                  remat=not args.no_remat)
+    model_settings = config.model.to_dict()
+    if args.attention:
+        model_settings["attention_impl"] = args.attention
+    model_cfg = build.model_config(model_settings)
+    lora = train.lora_config(config)
+    step_cfg = train.step_config(config)
+    tx, schedule = train.optimizer(config)
+    num_btoks = config.data.num_btoks
 
-    global_batch = args.global_batch or (TINY_GLOBAL_BATCH if tiny else GLOBAL_BATCH)
+    global_batch = args.global_batch or config.data.global_batch_size
     if tiny and args.mesh:  # forced CPU devices: use as many as the mesh asks for
         devices = devices[:math.prod(int(x) for x in args.mesh.split(","))]
     chips = len(devices)
     data, fsdp, tensor = _mesh_shape(args.mesh, chips)
     mesh = shd.make_mesh(data, fsdp, tensor, devices=devices)
     batch_shards = data * fsdp
-    chunk = args.chunk_size or batch_shards
+    chunk = args.chunk_size or step_cfg.chunk_size or batch_shards
     if global_batch % chunk or chunk % batch_shards:
         raise SystemExit(f"chunk {chunk} must divide the global batch {global_batch} and be a multiple of "
                          f"data x fsdp = {batch_shards}")
     num_chunks = global_batch // chunk
-
-    lora = LoRAConfig(rank=16, alpha=32.0, dropout=args.lora_dropout)
-    step_cfg = TS.StepConfig(objective="joint", chunk_size=0 if num_chunks == 1 else chunk)
-    tx, schedule = TS.make_optimizer()
-    graphdef, state, frozen = abstract_state(model_cfg, lora, tx, mesh)
-    q_side, q_layout = abstract_side(model_cfg, global_batch, **q_budget)
-    p_side, p_layout = abstract_side(model_cfg, global_batch, **p_budget)
+    step_cfg = dataclasses.replace(step_cfg, chunk_size=0 if num_chunks == 1 else chunk)
+    graphdef, state, frozen = abstract_state(model_cfg, num_btoks, lora, step_cfg.trainable, tx, mesh)
+    q_side, q_layout = abstract_side(model_cfg, global_batch, num_btoks, **q_budget)
+    p_side, p_layout = abstract_side(model_cfg, global_batch, num_btoks, **p_budget)
     batch = {"query": q_side, "positive": p_side}
     batch = _with_shardings(batch, TS.batch_shardings(batch, mesh))
-
-    # The same jit as TS.compile_step: explicit in/out shardings, the train state donated.
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
-    batch_sh = jax.tree.map(lambda x: x.sharding, batch)
-    step = partial(TS.train_step, graphdef=graphdef, layouts=(q_layout, p_layout), cfg=step_cfg, tx=tx,
-                   schedule=schedule)
-    jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
-                     donate_argnums=(0,))
+    # The trainer's own jit: explicit in/out shardings, the train state donated.
+    jitted = TS.compile_step(graphdef=graphdef, layouts=(q_layout, p_layout), cfg=step_cfg, tx=tx,
+                             schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
 
     hbm = GENERATIONS[generation]["hbm"] if generation else 16 * GIB  # tiny: a nominal 16 GiB, smoke only
     record = {
@@ -290,21 +274,24 @@ def compile_step(args, *, tiny: bool) -> dict:
         "positive_target_len": p_budget["target_len"],
         "positive_patches": p_budget["patches"],
         "positive_sequence_len": p_layout.length,
-        "num_btoks": NUM_BTOKS,
-        "attention_impl": attention,
+        "config": args.config + (":runlocal" if tiny else ""),
+        "num_btoks": num_btoks,
+        "attention_impl": model_cfg.attention_impl,
         "remat": model_cfg.remat,
-        "lora_dropout": args.lora_dropout,
+        "dtype": model_cfg.dtype,
+        "param_dtype": model_cfg.param_dtype,
+        "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                                           "dora": lora.dora, "targets": list(lora.targets)},
+        "lora_dropout": None if lora is None else lora.dropout,
+        "trainable": step_cfg.trainable,
+        "objective": step_cfg.objective,
+        "ntp_reduction": step_cfg.ntp_reduction,
         "hbm_bytes": hbm,
     }
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh), shd.activation_sharding(mesh):  # set_mesh: splash runs per shard via shard_map
-            try:
-                lowered = jitted.lower(state, frozen, batch)
-            except TraceContextError as e:
-                record["workaround"] = f"merge_copy ({type(e).__name__}: {e})"
-                with _merge_with_copy():
-                    lowered = jitted.lower(state, frozen, batch)
+            lowered = jitted.lower(state, frozen, batch)
             record["lower_seconds"] = round(time.perf_counter() - t0, 1)
             # The traced program before partitioning and optimisation: the whole chunk's work, the model's own
             # flop count (custom calls such as the splash kernel are not counted).
@@ -390,7 +377,8 @@ def print_table(records: list[dict]) -> None:
 
 
 _KEY_FIELDS = ("topology_name", "mesh", "chunk_size", "global_batch", "attention_impl", "query_len", "target_len",
-               "patches", "positive_query_len", "positive_target_len", "positive_patches", "remat", "lora_dropout")
+               "patches", "positive_query_len", "positive_target_len", "positive_patches", "remat", "lora",
+              "config")
 
 
 def write_results(path: Path, records: list[dict], append: bool) -> None:

@@ -37,6 +37,19 @@ BTOK_FIRST_ID = 151657  # `<|btok_0|>` in the authors' tokenizer: the first id a
 UNSCORED_IDS = (ENDOFTEXT_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_START_ID, VISION_END_ID)
 
 
+def resolve_btok_ids(num_btoks: int, vocab_size: int, btok_ids: Sequence[int] | None) -> tuple[int, ...] | None:
+    """The BToks' vocabulary rows: `btok_ids` checked against the vocabulary, or the default 151657.. when
+    those rows exist; None when there are no rows to tie to."""
+    if btok_ids is None:
+        if not num_btoks or BTOK_FIRST_ID + num_btoks > vocab_size:
+            return None
+        return tuple(range(BTOK_FIRST_ID, BTOK_FIRST_ID + num_btoks))
+    ids = tuple(int(i) for i in btok_ids)
+    if len(ids) != num_btoks or len(set(ids)) != num_btoks or not all(0 <= i < vocab_size for i in ids):
+        raise ValueError(f"btok_ids {list(ids)} must be {num_btoks} distinct rows of the {vocab_size}-row vocabulary")
+    return ids
+
+
 def btok_token_ids(num_btoks: int, vocab_size: int) -> list[int]:
     """Ids carried in the BTok columns. Their embeddings are replaced by the BTok parameters, so the
     ids only matter for an exported checkpoint, where they are the `<|btok_i|>` vocabulary rows."""
@@ -51,9 +64,13 @@ class BToksModel(nnx.Module):
     """A Qwen2-VL backbone that carries K bottleneck-token vectors and embeds by pooling them."""
 
     def __init__(self, config: Qwen2VLConfig, num_btoks: int = 4, *, rngs: nnx.Rngs,
-                 backbone: Qwen2VL | None = None):
+                 backbone: Qwen2VL | None = None, btok_ids: Sequence[int] | None = None):
+        """`btok_ids`: the vocabulary rows of `<|btok_0|>`..`<|btok_{K-1}|>` in the tokenizer the model comes
+        with (a Hugging Face directory's added tokens); None: 151657.. where the vocabulary has those rows,
+        else no rows at all (the BToks are then parameters only, as in the tiny presets)."""
         self.config = config
         self.num_btoks = num_btoks
+        self.btok_ids = resolve_btok_ids(num_btoks, config.text_config.vocab_size, btok_ids)
         self.backbone = backbone if backbone is not None else Qwen2VL(config, rngs=rngs)
         table = self.backbone.model.embed_tokens.value
         # The authors' stated intent: every BTok starts as the <|im_end|> (EOS) embedding.
@@ -85,11 +102,10 @@ class BToksModel(nnx.Module):
         """float[B, Lt, V]. With a tied head the BTok vectors are also the `<|btok_i|>` output rows,
         exactly as in the authors' model, where the BToks are vocabulary rows of the tied table."""
         backbone = self.backbone
-        vocab = backbone.config.text_config.vocab_size
-        if backbone.lm_head is not None or not self.num_btoks or BTOK_FIRST_ID + self.num_btoks > vocab:
+        if backbone.lm_head is not None or not self.num_btoks or self.btok_ids is None:
             return backbone.logits(hidden)
         table = backbone.model.embed_tokens.value
-        table = jax.lax.dynamic_update_slice(table, self.btoks.value.astype(table.dtype), (BTOK_FIRST_ID, 0))
+        table = table.at[np.asarray(self.btok_ids)].set(self.btoks.value.astype(table.dtype))
         return jnp.einsum("btd,vd->btv", hidden, table.astype(hidden.dtype))
 
 

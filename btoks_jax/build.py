@@ -57,15 +57,23 @@ def hf_btok_ids(directory: str, num_btoks: int) -> list[int] | None:
     return ids
 
 
-def _create(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None, seed: int) -> BToksModel:
-    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed))
+def _create(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None, seed: int,
+            btok_ids: list[int] | None = None) -> BToksModel:
+    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), btok_ids=btok_ids)
     if lora is not None:
         apply_lora(model.backbone, lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
     return model
 
 
-def abstract(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None) -> BToksModel:
-    return nnx.eval_shape(lambda: _create(cfg, num_btoks, lora, 0))
+def abstract(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None,
+             btok_ids: list[int] | None = None) -> BToksModel:
+    """The model's structure and shapes, no arrays. `btok_ids` as for `BToksModel` (see `btok_ids_of`)."""
+    return nnx.eval_shape(lambda: _create(cfg, num_btoks, lora, 0, btok_ids))
+
+
+def btok_ids_of(hf_dir: str | None, num_btoks: int) -> list[int] | None:
+    """The BTok ids a model built from `hf_dir` carries: its tokenizer's `<|btok_i|>` ids, or None (default)."""
+    return hf_btok_ids(hf_dir, num_btoks) if hf_dir else None
 
 
 def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None, hf_dir: str | None = None,
@@ -79,7 +87,8 @@ def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None,
     tokens always loads those rows.
     """
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
-    graphdef, abs_state = nnx.split(abstract(cfg, num_btoks, lora))
+    ids = btok_ids_of(hf_dir, num_btoks)
+    graphdef, abs_state = nnx.split(abstract(cfg, num_btoks, lora, ids))
     shardings = shd.state_shardings(abs_state, mesh, rules)
     if hf_dir is None:
         state = jax.jit(lambda: nnx.split(_create(cfg, num_btoks, lora, seed))[1], out_shardings=shardings)()
@@ -88,8 +97,7 @@ def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None,
     flat = {path_str(p): s for p, s in nnx.to_flat_state(shardings)}
     backbone, _ = load_hf_weights(hf_dir, cfg, sharding_for=lambda path, shape: flat["backbone." + path].get_value(),
                                   progress=progress)
-    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), backbone=backbone)
-    ids = hf_btok_ids(hf_dir, num_btoks)
+    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), backbone=backbone, btok_ids=ids)
     if ids is not None or (btok_init == "vocab_rows" and num_btoks):
         start = ids[0] if ids is not None else BTOK_FIRST_ID
         model.btoks.value = jax.lax.dynamic_slice_in_dim(backbone.model.embed_tokens.value, start, num_btoks)

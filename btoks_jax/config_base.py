@@ -26,12 +26,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.progress = True
     c.mesh = dict(data=-1, fsdp=1, tensor=1)  # data=-1: all devices left over
     c.sharding_rules = "default"  # see btoks_jax.sharding.RULE_SETS
+    # JAX's persistent compilation cache: "" = $BTOKS_COMPILATION_CACHE or ~/.cache/btoks_jax/xla; "none" = off.
+    c.compilation_cache_dir = ""
 
     # The architecture: a preset ("tiny", "qwen2-vl-2b", "qwen2-vl-7b") or the config.json of hf_dir,
     # whose weights are then imported. `overrides` changes preset sizes: {"text": {...}, "vision": {...}}.
     c.model = dict(preset="tiny", hf_dir="", overrides={}, dtype="float32", param_dtype="float32",
                    attention_impl="dense", remat=False, btok_init="im_end")
-    c.lora = dict(enabled=False, rank=16, alpha=32.0, dropout=0.05, dora=False,
+    c.lora = dict(enabled=False, rank=16, alpha=32.0, dropout=0.05, dora=False, init="gaussian",
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
     # train_step.StepConfig: objective contrastive | gic | joint; lambda = ntp_weight until ntp_until_step
     # (None: the whole run); chunk_size = GradCache chunk (0: whole batch in one pass).
@@ -43,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = dict(
         datasets=[], prepare="", global_batch_size=1024, subbatch_size=512, num_btoks=4,
         buckets=((128, 512), (256, 1024), (512, 2048), (1024, 4096), (1536, 5120)), target_len=128,
+        target_buckets=None, truncate_targets=False,
         prompt_style="btoks", rope_convention="legacy", image_min_pixels=28 * 28 * 4,
         image_max_pixels=28 * 28 * 1280, video_min_pixels=128 * 28 * 28, video_max_pixels=28 * 28 * 768,
         video_num_frames=8, seed=0, num_threads=16, prefetch_batches=2)

@@ -33,15 +33,25 @@ class LoRAConfig:
     dropout: float = 0.05
     dora: bool = False
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    # How A starts (B is always 0, so the adapted layer starts as the base): "gaussian", N(0, 1/rank^2), what the
+    # authors' PEFT config asks for (init_lora_weights="gaussian"); "kaiming", PEFT's default kaiming-uniform(a=sqrt(5)).
+    init: str = "gaussian"
+
+    def __post_init__(self):
+        if self.init not in ("gaussian", "kaiming"):
+            raise ValueError(f"LoRA init must be 'gaussian' or 'kaiming', got {self.init!r}")
 
 
 class LoRAAdapter(nnx.Module):
     def __init__(self, base: Linear, cfg: LoRAConfig, *, rngs: nnx.Rngs):
         i, o = base.kernel.shape
         dtype = base.kernel.value.dtype
-        # PEFT's init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapted layer starts as the base.
-        bound = 1.0 / math.sqrt(i)
-        self.a = LoRAParam(jax.random.uniform(rngs.params(), (i, cfg.rank), dtype, -bound, bound),
+        if cfg.init == "gaussian":  # PEFT: normal_(lora_A.weight, std=1 / r)
+            a = jax.random.normal(rngs.params(), (i, cfg.rank), dtype) / cfg.rank
+        else:  # PEFT's kaiming_uniform_(lora_A.weight, a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(i)
+            a = jax.random.uniform(rngs.params(), (i, cfg.rank), dtype, -bound, bound)
+        self.a = LoRAParam(a,
                            sharding_names=(base.axes[0], "lora_rank"), eager_sharding=False)
         self.b = LoRAParam(jnp.zeros((cfg.rank, o), dtype), sharding_names=("lora_rank", base.axes[1]),
                            eager_sharding=False)

@@ -38,6 +38,9 @@ def ntp_token_weights(label_masks: list[jax.Array], *, reduction: str = "sample_
         out = []
         for m in masks:
             b, lt = m.shape
+            if not lt:  # a side packed without a target region
+                out.append(m)
+                continue
             if b % chunk_size:
                 raise ValueError(f"batch {b} is not a multiple of the chunk size {chunk_size}")
             g = m.reshape(-1, chunk_size, lt)

@@ -10,6 +10,9 @@ skippable kernel blocks are all derived from it. Padding is handled separately b
   Q         | causal  no      no
   B         | all     causal  no
   T         | cut     all     causal        ("condensation"; "full" lets T see Q)
+
+With K = 0 the condensation mask lets T see the last Q column only: the last input token is then the
+bottleneck (the "no BToks" ablation trained with GIC).
 """
 
 from __future__ import annotations
@@ -62,6 +65,10 @@ def static_mask(layout: Layout, mode: str = "condensation") -> np.ndarray:
         raise ValueError(f"unknown mask mode {mode!r}; choose one of {sorted(MODES)}")
     regions = layout.regions()
     allowed = MODES[mode][regions[:, None], regions[None, :]]
+    if layout.num_btoks == 0 and mode == "condensation" and layout.query_len and layout.target_len:
+        # No BToks (the "no BToks" ablation with GIC): the last input token is a one-token bottleneck, as the
+        # authors' two-pass code keeps the last cache entry when K = 0. Left alignment puts it in column Q - 1.
+        allowed[layout.target_slice, layout.query_len - 1] = True
     return allowed & np.tri(layout.length, dtype=bool)
 
 

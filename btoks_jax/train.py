@@ -51,6 +51,15 @@ def step_config(config) -> TS.StepConfig:
     return TS.StepConfig(**_to_dict(config.step))
 
 
+def pipeline_config(config):
+    """The data pipeline's settings: `config.data` without the mixture itself."""
+    from btoks_jax.data.pipeline import PipelineConfig
+
+    fields = {k: v for k, v in _to_dict(config.data).items() if k not in ("datasets", "prepare", "prepare_dir")}
+    fields["buckets"] = tuple(tuple(b) for b in fields["buckets"])
+    return PipelineConfig(**fields)
+
+
 def optimizer(config):
     return TS.make_optimizer(total_steps=config.total_steps, **_to_dict(config.optim))
 
@@ -62,6 +71,8 @@ def run_meta(config, mcfg: Qwen2VLConfig) -> dict[str, Any]:
         "runtime": {"dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype, "attention_impl": mcfg.attention_impl,
                     "remat": mcfg.remat},
         "num_btoks": config.data.num_btoks,
+        # The vocabulary rows the BToks tie to (a Hugging Face directory's `<|btok_i|>` ids; None: the default).
+        "btok_ids": build.btok_ids_of(config.model.get("hf_dir") or None, config.data.num_btoks),
         "lora": _to_dict(config.lora),
         "trainable": config.step.trainable,
         "optim": _to_dict(config.optim),
@@ -89,11 +100,25 @@ def maybe_initialize_distributed(config) -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def enable_compilation_cache(config) -> str | None:
+    """Turns on JAX's persistent compilation cache, so a restarted or resumed run (a preempted pod, a rerun)
+    loads its step programs instead of compiling them again. `config.compilation_cache_dir`: a folder, "" for
+    $BTOKS_COMPILATION_CACHE or ~/.cache/btoks_jax/xla, "none" to leave it off. Returns the folder used."""
+    path = config.get("compilation_cache_dir", "") or os.environ.get("BTOKS_COMPILATION_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "btoks_jax", "xla")
+    if path == "none":
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Cache every program that took more than a second to compile (the step programs take far longer).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    return path
+
+
 # ============================================================================== restore for inference / export
 
 
-def _abstract_state(mcfg, num_btoks, lora, mode, tx, mesh, rules=shd.DEFAULT_RULES):
-    graphdef, params, frozen = TS.split_model(build.abstract(mcfg, num_btoks, lora), mode)
+def _abstract_state(mcfg, num_btoks, lora, mode, tx, mesh, rules=shd.DEFAULT_RULES, btok_ids=None):
+    graphdef, params, frozen = TS.split_model(build.abstract(mcfg, num_btoks, lora, btok_ids), mode)
     p_sh = shd.state_shardings(params, mesh, rules)
     f_sh = shd.state_shardings(frozen, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -125,7 +150,8 @@ def restore_model(workdir: str, *, step: int | None = None, mesh=None, merge: bo
         lc["targets"] = tuple(lc.get("targets", ()))
         lora = LoRAConfig(**lc)
     tx, _ = TS.make_optimizer(total_steps=meta["total_steps"], **meta["optim"])
-    graphdef, abs_state, abs_frozen = _abstract_state(mcfg, meta["num_btoks"], lora, meta["trainable"], tx, mesh)
+    graphdef, abs_state, abs_frozen = _abstract_state(mcfg, meta["num_btoks"], lora, meta["trainable"], tx, mesh,
+                                                      btok_ids=meta.get("btok_ids"))
     mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
     _, state, frozen, _, _ = checkpoint.restore(mgr, step, abs_state, abs_frozen)
     model = nnx.merge(graphdef, state.params, frozen)
@@ -190,7 +216,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from btoks_jax.data.mmeb_train import DatasetSpec
-    from btoks_jax.data.pipeline import PipelineConfig, TrainBatchIterator
+    from btoks_jax.data.pipeline import TrainBatchIterator, side_shapes
     from btoks_jax.processing import load_tokenizer
 
     # ---------------------------------------------------------------- distributed + mesh
@@ -198,6 +224,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
     maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
+    cache_dir = enable_compilation_cache(config)
+    if is_main and cache_dir:
+        log.info("persistent compilation cache: %s", cache_dir)
     mesh = shd.make_mesh(**_to_dict(config.mesh))
     rules = shd.RULE_SETS[config.get("sharding_rules", "default")]
     if is_main:
@@ -217,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_state = None
     if mgr.latest_step() is not None:
         graphdef, abs_state, abs_frozen = _abstract_state(mcfg, config.data.num_btoks, lora, scfg.trainable, tx,
-                                                          mesh, rules)
+                                                          mesh, rules, btok_ids=meta["btok_ids"])
         start, state, frozen, data_state, saved_meta = checkpoint.restore(mgr, None, abs_state, abs_frozen)
         if saved_meta.get("model_config") != meta["model_config"]:
             raise checkpoint.CheckpointError(f"{workdir}: the checkpoint was written for another model config")
@@ -239,9 +268,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model.get("hf_dir") or None)
     prepare_data(config)
     datasets = [DatasetSpec(**d) for d in _to_dict(config.data)["datasets"]]
-    pcfg = {k: v for k, v in _to_dict(config.data).items() if k not in ("datasets", "prepare", "prepare_dir")}
-    pcfg["buckets"] = tuple(tuple(b) for b in pcfg["buckets"])
-    data = TrainBatchIterator(datasets, PipelineConfig(**pcfg), mcfg, tokenizer, process_index=jax.process_index(),
+    pipeline_cfg = pipeline_config(config)
+    data = TrainBatchIterator(datasets, pipeline_cfg, mcfg, tokenizer, process_index=jax.process_index(),
                               process_count=jax.process_count())
     if data_state is not None:
         data.set_state(data_state)
@@ -250,15 +278,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- update step (one jit per layout pair)
     compiled: dict[Any, Any] = {}
+    objectives = 2 if scfg.objective == "joint" and scfg.ntp_until_step is not None else 1
+    most_programs = side_shapes(pipeline_cfg) ** 2 * objectives
+    if is_main:
+        log.info("at most %d step programs: %d shapes per side (query buckets x {patches, none} x {target "
+                 "regions, none}), squared, x %d objective(s)", most_programs, side_shapes(pipeline_cfg), objectives)
 
     def step_fn(batch, layouts, step):
         cfg = scfg
         if scfg.objective == "joint" and scfg.ntp_until_step is not None and step >= scfg.ntp_until_step:
             # lambda is 0 from here on: the same gradients without computing the vocabulary logits.
             cfg = dataclasses.replace(scfg, objective="contrastive")
-        key = (layouts, cfg.objective)
+        patches = tuple(batch[side]["inputs"].pixel_values.shape[1] for side in ("query", "positive"))
+        key = (layouts, patches, cfg.objective)
         if key not in compiled:
             if is_main:
+                log.info("compiling step program %d (at most %d): layouts %s, patch budgets %s, objective %s",
+                         len(compiled) + 1, most_programs, layouts, patches, cfg.objective)
                 for side, lay in zip(("query", "positive"), layouts):
                     log.info("%s layout %s: the %s mask leaves %.1f%% of 512x512 attention tiles for the splash "
                              "kernel to skip (causal alone: %.1f%%)", side, lay, scfg.mask_mode,

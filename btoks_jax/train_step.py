@@ -13,6 +13,7 @@ Legend: B global batch, C chunk, N = B // C chunks, D embedding width.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -77,7 +78,14 @@ def _has_dropout(model) -> bool:
 
 
 def _merge(graphdef, params, frozen, key):
-    model = nnx.merge(graphdef, params, frozen)
+    """The model rebuilt inside the current trace.
+
+    `copy=True` gives it fresh Variables: the closed-over frozen state belongs to the outer `jit`
+    trace, and `nnx.remat` (block state) and `nnx.reseed` (dropout keys) write to the model's
+    Variables from inside the GradCache scan and `value_and_grad`, which flax only allows for
+    Variables created at that trace level.
+    """
+    model = nnx.merge(graphdef, params, frozen, copy=True)
     if key is not None and _has_dropout(model):
         nnx.reseed(model, dropout=key)
     return model
@@ -186,17 +194,34 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
     return loss, metrics, grads
 
 
+# The Hugging Face Trainer's `get_decay_parameter_names`: no decay for parameters of `nn.LayerNorm` modules
+# (the vision tower's norm1 / norm2 and the merger's ln_q) nor for names matching these patterns.
+_NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+_LAYERNORM_MODULES = re.compile(r"(?:^|\.)visual\.(?:blocks\.\d+\.norm[12]|merger\.ln_q)\.")
+
+
+def decays(path: str) -> bool:
+    """Whether AdamW decays the parameter at a dotted NNX path, by the Trainer's rule: everything but biases
+    and norm weights, so DoRA magnitudes, LoRA matrices and the BToks all decay."""
+    return not (_NO_DECAY_NAMES.search(path) or _LAYERNORM_MODULES.search(path))
+
+
+def weight_decay_mask(params):
+    """bool per leaf of a parameter tree: `decays` of its path."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: decays(jax.tree_util.keystr(path, simple=True, separator=".")), params)
+
+
 def make_optimizer(*, learning_rate: float = 5e-5, warmup_steps: int = 100, total_steps: int = 5000,
                    weight_decay: float = 0.01, clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8):
     """AdamW with linear warm-up then linear decay to 0 (the authors' schedule), global-norm clipping.
-    Weight decay skips vectors (biases, norms, DoRA magnitudes), as the Hugging Face Trainer does."""
+    Weight decay as the Hugging Face Trainer applies it (`weight_decay_mask`)."""
     schedule = optax.join_schedules(
         [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
          optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))], [warmup_steps])
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+                     optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask))
     return tx, schedule
 
 

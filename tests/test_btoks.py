@@ -54,14 +54,17 @@ def _target(body):
     return PREFIX + body + [IM_END_ID], len(PREFIX)
 
 
-def _hf_two_pass(hf, query_batch, target_ids):
+def _hf_two_pass(hf, query_batch, target_ids, k=K):
     """The authors' formulation: encode [Q ; B] with a cache, keep only the BTok entries of every
-    layer, then run the target against that K-entry cache at positions offset by |[Q ; B]|."""
-    ids = np.concatenate([query_batch["input_ids"], [BTOK_IDS]], 1)
+    layer, then run the target against that K-entry cache at positions offset by |[Q ; B]|. With
+    k = 0 (no BToks) the last input token's entry is kept: a one-token bottleneck."""
+    btok_ids = BTOK_IDS[:k]
+    keep = k or 1
+    ids = np.concatenate([query_batch["input_ids"], [btok_ids]], 1).astype(np.int64)
     kw = {k: torch.from_numpy(np.asarray(v)) for k, v in query_batch.items() if k not in ("input_ids",)}
     kw["attention_mask"] = torch.ones(ids.shape, dtype=torch.long)
     kw["mm_token_type_ids"] = torch.from_numpy(np.concatenate([query_batch["mm_token_type_ids"],
-                                                               np.zeros((1, K), np.int64)], 1))
+                                                               np.zeros((1, k), np.int64)], 1))
     from transformers import DynamicCache
 
     with torch.no_grad():
@@ -70,14 +73,14 @@ def _hf_two_pass(hf, query_batch, target_ids):
             else out.cache
         kept = DynamicCache()
         for i, layer in enumerate(full.layers):
-            kept.update(layer.keys[:, :, -K:].clone(), layer.values[:, :, -K:].clone(), i)
+            kept.update(layer.keys[:, :, -keep:].clone(), layer.values[:, :, -keep:].clone(), i)
         n = len(target_ids)
         offset = ids.shape[1]
         pos = torch.arange(n).view(1, 1, n).expand(3, 1, n) + offset
         t_out = hf.model.language_model(input_ids=torch.tensor([target_ids]), position_ids=pos, cache=kept,
                                         use_cache=True)
         logits = hf.lm_head(t_out.last_hidden_state)
-    return logits[0].numpy(), out.last_hidden_state[0, -K:].numpy()
+    return logits[0].numpy(), out.last_hidden_state[0, -keep:].numpy()
 
 
 def test_single_masked_pass_equals_authors_two_pass(models):
@@ -99,6 +102,29 @@ def test_single_masked_pass_equals_authors_two_pass(models):
     assert packed.label_mask.sum() == len(target[0]) - len(PREFIX)  # text tokens + <|im_end|>
     ref_emb = ref_btok_hidden.mean(0)
     assert np.abs(np.asarray(emb)[0] - ref_emb / np.linalg.norm(ref_emb)).max() <= TOL
+
+
+def test_no_btoks_gic_uses_the_last_token_as_bottleneck(models):
+    """K = 0 with the generative loss: the target reads the last input token's cache entry only, as the
+    authors' two-pass code does for the "no BToks" ablation; the embedding is last-token pooling."""
+    hf, model = models
+    no_btoks = BToksModel(CFG, 0, rngs=nnx.Rngs(0), backbone=model.backbone)
+    query = _image_query()
+    target = _target([1000, 2000, 3000, 4000, 5])
+    packed = pack(query, CFG, num_btoks=0, targets=[target], target_len=12)
+    emb, logits = jax.jit(lambda m, x: m(x, packed.layout, pooling="last", target_logits=True))(no_btoks,
+                                                                                               packed.inputs)
+    ref_logits, ref_last = _hf_two_pass(hf, query, target[0], k=0)
+    n = len(target[0])
+    # The fixture's PyTorch model holds the BTok vectors in its tied <|btok_i|> rows; a K = 0 model has none,
+    # so those K output columns differ by construction and every other column must agree.
+    others = np.setdiff1d(np.arange(CFG.text_config.vocab_size), BTOK_IDS)
+    assert np.abs(np.asarray(logits)[0, :n][:, others] - ref_logits[:, others]).max() <= TOL
+    assert np.abs(np.asarray(emb)[0] - ref_last[0] / np.linalg.norm(ref_last[0])).max() <= TOL
+    # The target sees exactly one input column, the last one, and nothing else of Q.
+    m = static_mask(packed.layout)
+    t_rows = m[packed.layout.target_slice, : packed.layout.query_len]
+    assert t_rows[:, -1].all() and not t_rows[:, :-1].any()
 
 
 def _hf_btok_embedding(hf, batch):
@@ -291,3 +317,42 @@ def test_generative_loss_function_matches_two_pass(models):
     assert np.abs(scored[0] - ref_scored).max() <= TOL
     ref_nll = torch.nn.functional.cross_entropy(torch.from_numpy(ref_scored), torch.tensor(ids[len(PREFIX):]))
     assert abs(per_sample[0] - float(ref_nll)) <= TOL and abs(loss - float(ref_nll)) <= TOL
+
+
+def test_btok_ids_come_from_the_directory(tmp_path):
+    """A Hugging Face directory whose tokenizer has other added tokens before `<|btok_i|>` (ids 151660..):
+    the model ties its BToks to those rows, so GIC logits equal transformers' tied head over that table."""
+    from tokenizers import AddedToken
+
+    from btoks_jax import build
+    from btoks_jax.processing.tokenizer import add_btok_tokens, load_tokenizer, save_tokenizer
+
+    tok = load_tokenizer()
+    tok.add_tokens([AddedToken(f"<|extra_{i}|>", special=True, normalized=False) for i in range(3)],
+                   special_tokens=True)
+    ids = add_btok_tokens(tok, K)
+    assert ids == list(range(BTOK_FIRST_ID + 3, BTOK_FIRST_ID + 3 + K))
+    hf = H.hf_model(CFG, seed=11)
+    btoks = np.random.default_rng(1).standard_normal((K, CFG.text_config.hidden_size)).astype(np.float32) * 0.05
+    with torch.no_grad():
+        hf.model.language_model.embed_tokens.weight[ids[0]:ids[0] + K] = torch.from_numpy(btoks)
+    hf.save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path)
+
+    model = build.build(CFG, num_btoks=K, hf_dir=str(tmp_path), progress=False)
+    assert model.btok_ids == tuple(ids)
+    assert np.array_equal(np.asarray(model.btoks.value), btoks)
+    query = _image_query()
+    target = _target([1000, 2000, 3000, 4000, 5])
+    packed = pack(query, CFG, num_btoks=K, targets=[target], target_len=12)
+    hidden = model.forward(packed.inputs, packed.layout)
+    logits = np.asarray(model.target_logits(hidden[:, packed.layout.target_slice]))
+    with torch.no_grad():
+        ref = hf.lm_head(torch.from_numpy(np.asarray(hidden[:, packed.layout.target_slice]))).numpy()
+    assert np.abs(logits - ref).max() <= TOL
+    # The rows at the default ids 151657.. are ordinary vocabulary rows here, not BToks.
+    assert np.abs(logits[..., ids[0]:ids[0] + K] - ref[..., ids[0]:ids[0] + K]).max() <= TOL
+    default = BToksModel(CFG, K, rngs=nnx.Rngs(0), backbone=model.backbone)
+    default.btoks.value = model.btoks.value
+    wrong = np.asarray(default.target_logits(hidden[:, packed.layout.target_slice]))
+    assert np.abs(wrong - ref).max() > 1e-3  # the hard-coded rows would have been wrong

@@ -76,3 +76,31 @@ def test_mesh_step_equals_single_device_step(objective, mode, chunk):
         assert q == P("fsdp", "tensor") and emb == P("tensor", "fsdp")
         assert len(next(x for p, x in flat8.items() if "embed_tokens" in jax.tree_util.keystr(p))
                    .addressable_shards[0].data.shape) == 2
+
+
+def test_weight_decay_mask_is_the_hf_trainers():
+    """AdamW decays exactly the parameters Hugging Face's Trainer decays (`get_decay_parameter_names`): all but
+    biases and norm weights. Adapters (PEFT's lora_A / lora_B / lora_magnitude_vector) and the BToks (rows of
+    the decayed embedding table in the authors' model) carry neither pattern, so they decay too."""
+    import hf_utils as H
+    from transformers import Trainer
+
+    from btoks_jax.convert.names import hf_to_path
+
+    hf = H.hf_model(U.CFG)
+    decayed = set(Trainer.get_decay_parameter_names(None, hf))
+    names = [name for name, _ in hf.named_parameters()]
+    assert len(decayed) < len(names)  # biases and norms are excluded
+    for name in names:
+        path, _ = hf_to_path(name)
+        assert TS.decays(f"backbone.{path}.value") == (name in decayed), name
+    for adapter in ("a", "b", "magnitude"):
+        assert TS.decays(f"backbone.model.layers.0.self_attn.q_proj.lora.{adapter}.value")
+    assert TS.decays("btoks.value")
+    # The mask is applied leaf by leaf to the trainable state.
+    model = build.build(U.CFG, num_btoks=U.K, lora=LoRAConfig(rank=4, alpha=8, dora=True), seed=0)
+    _, params, _ = TS.split_model(model, "full")
+    mask = TS.weight_decay_mask(params)
+    flat = {jax.tree_util.keystr(k, simple=True, separator="."): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+    assert flat["backbone.model.norm.weight.value"] is False and flat["btoks.value"] is True
+    assert flat["backbone.model.layers.0.mlp.down_proj.lora.magnitude.value"] is True

@@ -393,6 +393,9 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
     try:
         btok_ids, vocab = _save_tokenizer_with_btoks(tokenizer, model.num_btoks, config.text_config.vocab_size, tmp)
+        if model.btok_ids is not None and list(model.btok_ids) != btok_ids:
+            raise ValueError(f"the model's BToks are vocabulary rows {list(model.btok_ids)}, but the tokenizer gives "
+                             f"<|btok_i|> the ids {btok_ids}: export with the tokenizer the model was trained with")
         plan = _plan(model, array_dtype, btok_ids, vocab)
         shards = _shards(plan, itemsize, max_shard_size)
         files = [SINGLE_FILE] if len(shards) == 1 else [

@@ -33,8 +33,12 @@ class PipelineConfig:
       buckets (8 frames at 28*28*768 pixels are 3072 tokens).
     Over-long inputs: a side longer than the largest query_len loses text tokens from its end; vision tokens
       are never cut (a partial image cannot be encoded), so a side whose vision tokens alone exceed the largest
-      bucket, or whose patches exceed the largest patch budget, raises ValueError naming the row. Targets
-      are cut to `target_len` by `btoks.encode_target` (the closing `<|im_end|>` kept).
+      bucket, or whose patches exceed the largest patch budget, raises ValueError naming the row.
+    target_len: the longest target region (wrapper tokens included); 0: no target region (no generative
+      loss). target_buckets: ascending target-region lengths, the last equal to target_len (default: just
+      target_len); each side of a step takes the first that holds its longest target, so short targets (class
+      names) do not pay for long ones (captions). Targets are not truncated (as the authors' code): a longer one
+      raises ValueError naming the row, unless truncate_targets cuts it to target_len (`<|im_end|>` kept).
     rope_convention: "legacy" reproduces transformers 4.x `get_rope_index`, which both reference
       implementations ran (VLM2Vec-style bare pads then get 1-D positions); see `btoks_jax.rope_index`.
     """
@@ -44,6 +48,8 @@ class PipelineConfig:
     num_btoks: int = 4
     buckets: tuple[tuple[int, int], ...] = ((128, 512), (256, 1024), (512, 2048), (1024, 4096), (1536, 5120))
     target_len: int = 128  # 0: no target region (no generative loss)
+    target_buckets: tuple[int, ...] | None = None
+    truncate_targets: bool = False
     prompt_style: str = "btoks"
     rope_convention: str = "legacy"
     image_min_pixels: int = 28 * 28 * 4
@@ -70,6 +76,12 @@ class PipelineConfig:
             raise ValueError(f"prompt_style must be 'btoks' or 'vlm2vec', got {self.prompt_style!r}")
         if self.target_len < 0 or self.num_btoks < 0 or self.seed < 0:
             raise ValueError("target_len, num_btoks and seed must be >= 0")
+        targets = tuple(int(n) for n in (self.target_buckets or (self.target_len,)))
+        object.__setattr__(self, "target_buckets", targets)
+        if self.target_len and (list(targets) != sorted(set(targets)) or targets[-1] != self.target_len
+                                or targets[0] < 1):
+            raise ValueError(f"target_buckets must ascend strictly and end at target_len {self.target_len}, "
+                             f"got {targets}")
 
 
 @dataclasses.dataclass
@@ -193,8 +205,17 @@ class _SampleLoader:
             # Only text is generated: the other side's vision placeholders are dropped from its target, and a
             # side with no text left has nothing to generate.
             text = text_only(getattr(row, other).text) if generates and self.config.target_len else ""
-            targets[side] = encode_target(processor.tokenizer, text, self.config.target_len) if text else None
+            targets[side] = self._target(processor, text, row, side) if text else None
         return _Sample(dataset, row_id, sides, targets)
+
+    def _target(self, processor: Processor, text: str, row: TrainRow, side: str) -> tuple[list[int], int]:
+        cfg = self.config
+        ids, prefix = encode_target(processor.tokenizer, text, cfg.target_len if cfg.truncate_targets else None)
+        if len(ids) > cfg.target_len:
+            other = "positive" if side == "query" else "query"
+            raise ValueError(f"{row.source}: the {other} text to generate is {len(ids)} tokens, over the target budget "
+                             f"of {cfg.target_len} (data.target_len); raise it, or set data.truncate_targets")
+        return ids, prefix
 
     def _encode(self, processor: Processor, row: TrainRow, side: str) -> dict[str, np.ndarray]:
         images, videos = load_media(row, side)
@@ -251,6 +272,23 @@ def choose_bucket(buckets: Sequence[tuple[int, int]], tokens: int, patches: int)
         if tokens <= query_len and patches <= budget:
             return query_len, budget if patches else 0
     raise ValueError(f"no bucket holds {tokens} tokens and {patches} patches: {tuple(buckets)}")
+
+
+def choose_target_bucket(buckets: Sequence[int], longest: int) -> int:
+    """The first target-region length holding the longest target; 0 when no sample generates."""
+    if not longest:
+        return 0
+    for length in buckets:
+        if longest <= length:
+            return length
+    raise ValueError(f"no target bucket holds a {longest}-token target: {tuple(buckets)}")
+
+
+def side_shapes(config: PipelineConfig) -> int:
+    """How many distinct array shapes one side of a batch can take: per query bucket, its patch budget or none
+    (a batch without vision), times each target region or none (a side that generates nothing)."""
+    query = sum(2 if budget else 1 for _, budget in config.buckets)
+    return query * (len(config.target_buckets) + 1 if config.target_len else 1)
 
 
 def allgather_max(needs: np.ndarray) -> np.ndarray:
@@ -334,11 +372,12 @@ class TrainBatchIterator:
         # whole global batch generates nothing gets no target region at all, so no logits are wasted on it.
         needs = np.array([[max(len(s.sides[side]["input_ids"]) for s in samples),
                            max(_num_patches(s.sides[side]) for s in samples),
-                           any(s.targets[side] is not None for s in samples)] for side in SIDES], np.int64)
+                           max((len(s.targets[side][0]) for s in samples if s.targets[side] is not None),
+                               default=0)] for side in SIDES], np.int64)
         if self._agree is not None:
             needs = np.asarray(self._agree(needs.reshape(-1)), np.int64).reshape(len(SIDES), 3)
         packed = {side: self._pack(samples, side, *choose_bucket(self.config.buckets, *needs[i, :2]),
-                                   target_len=self.config.target_len if needs[i, 2] else 0)
+                                   target_len=choose_target_bucket(self.config.target_buckets, int(needs[i, 2])))
                   for i, side in enumerate(SIDES)}
         batch = TrainBatch(query=packed["query"], positive=packed["positive"],
                            dataset_ids=np.array([s.dataset for s in samples], np.int32),

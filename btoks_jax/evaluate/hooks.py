@@ -38,13 +38,18 @@ class RetrievalHook:
         return (self.every > 0 and step % self.every == 0) or (self.at_end and step == total)
 
     def embed_fn(self, model):
+        """Embeds with `model`'s current weights. One Embedder serves every call: its jitted functions take
+        the model as an argument, so a later call with new weights of the same structure reuses them."""
         from btoks_jax.api import Embedder
 
         model.eval()
-        embedder = Embedder(model=model, processor=self.processor, config=self.mcfg,
-                            num_btoks=self.meta["num_btoks"], rope_convention=self.meta["rope_convention"],
-                            prompt_style=self.meta["prompt_style"],
-                            mesh=self.mesh if self.mesh.devices.size > 1 else None)
+        if getattr(self, "_embedder", None) is None:
+            self._embedder = Embedder(model=model, processor=self.processor, config=self.mcfg,
+                                      num_btoks=self.meta["num_btoks"], rope_convention=self.meta["rope_convention"],
+                                      prompt_style=self.meta["prompt_style"],
+                                      mesh=self.mesh if self.mesh.devices.size > 1 else None)
+        embedder = self._embedder
+        embedder.model = model
         return lambda items: embedder.embed_items(items, pooling=self.pooling, batch_size=self.batch_size,
                                                   progress=False)
 
