@@ -47,8 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
         buckets=((128, 512), (256, 1024), (512, 2048), (1024, 4096), (1536, 5120)), target_len=128,
         target_buckets=None, truncate_targets=False,
         prompt_style="btoks", rope_convention="legacy", image_min_pixels=28 * 28 * 4,
-        image_max_pixels=28 * 28 * 1280, video_min_pixels=128 * 28 * 28, video_max_pixels=28 * 28 * 768,
-        video_num_frames=8, seed=0, num_threads=16, prefetch_batches=2)
+        image_max_pixels=28 * 28 * 1280, video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 768,
+        video_num_frames=8, video_frame_sampling="linspace", seed=0, num_threads=16, prefetch_batches=2)
     c.checkpoint = dict(every=500, keep=3, async_save=True)
     c.evals = []  # evaluate.hooks.RetrievalHook specs
     c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)

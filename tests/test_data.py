@@ -16,7 +16,7 @@ from btoks_jax.btoks import encode_target
 from btoks_jax.config import IM_END_ID, tiny_config
 from btoks_jax.data import tfds_mmeb
 from btoks_jax.data.emoji_dataset import build_emoji_dataset
-from btoks_jax.data.mmeb_train import DatasetSpec, read_mmeb_train, text_only
+from btoks_jax.data.mmeb_train import DatasetSpec, generation_text, read_mmeb_train, text_only
 from btoks_jax.data.pipeline import MixtureSchedule, PipelineConfig, TrainBatchIterator, choose_bucket
 from btoks_jax.processing import load_tokenizer
 
@@ -144,8 +144,24 @@ def test_placeholder_repairs(tmp_path):
                                                    "qry_image_path": "", "neg_text": None,
                                                    "neg_image_path": "images/ok.png"}])
     row = read_mmeb_train(path)[0]
-    assert row.query.text == "Find the passage." and row.query.image is None
+    # The authors' canonical text: `{body}\n` without media, the bare token for media without text.
+    assert row.query.text == "Find the passage.\n" and row.query.image is None
     assert row.negative.text == "<|vision_start|><|image_pad|><|vision_end|>" and row.negative.image
+    assert read_mmeb_train(path, prompt_style="vlm2vec")[0].query.text == "Find the passage."
+
+
+def test_btoks_canonical_text_and_generation_text():
+    """MMEB_FORMATS.md 1.1 (B): a side with media is `T\n{body}\n`, one without `{body}\n`; ChartQA-style
+    trailing spaces go; the generated text keeps the newline that precedes `<|im_end|>`."""
+    from btoks_jax.data.mmeb_train import Side, btoks_canonical_text, generation_text
+
+    assert btoks_canonical_text(Side("<|image_1|>\nRepresent the given image", image="x.png")) == \
+        "<|image_1|>\nRepresent the given image\n"
+    assert btoks_canonical_text(Side("The answer is 12.  ")) == "The answer is 12.\n"
+    assert btoks_canonical_text(Side("<|image_1|>", image="x.png")) == "<|image_1|>"
+    assert btoks_canonical_text(Side("<|video_1|> Describe.", video=("a.jpg",))) == "<|video_1|>\nDescribe.\n"
+    assert generation_text("<|vision_start|><|image_pad|><|vision_end|>\nA red car.\n") == "A red car.\n"
+    assert generation_text("husky\n") == "husky\n"
 
 
 def test_unreadable_image_fails_when_used(emoji, tokenizer, tmp_path):
@@ -309,7 +325,7 @@ def test_labels_score_only_target_tokens(specs, tokenizer, emoji):
                 if not generates:
                     assert not mask.any()
                     continue
-                ids, prefix_len = encode_target(tokenizer, text_only(getattr(row, other).text), PIPE.target_len)
+                ids, prefix_len = encode_target(tokenizer, generation_text(getattr(row, other).text), PIPE.target_len)
                 body = ids[prefix_len:]  # the text and <|im_end|>: exactly what is scored
                 assert body[-1] == IM_END_ID and mask.sum() == len(body)
                 np.testing.assert_array_equal(labels[mask], body)
@@ -360,3 +376,19 @@ def test_tfds_round_trip(emoji, tokenizer, specs, tmp_path):
         _assert_same(next(a), next(b))
     a.close()
     b.close()
+
+
+def test_authors_frame_choice_and_natural_frame_order(tmp_path):
+    """linspace(0, n - 1, 8) truncated (all frames when fewer), over frames sorted with digit runs as numbers."""
+    from btoks_jax.data.media import frame_paths
+    from btoks_jax.processing.video import linspace_frame_indices
+
+    assert linspace_frame_indices(30, 8).tolist() == [0, 4, 8, 12, 16, 20, 24, 29]
+    assert linspace_frame_indices(8, 8).tolist() == list(range(8))
+    assert linspace_frame_indices(5, 8).tolist() == [0, 1, 2, 3, 4]
+    folder = tmp_path / "v"
+    folder.mkdir()
+    for name in ("frame_10.jpg", "frame_9.jpg", "frame_100.jpg", "notes.txt"):
+        (folder / name).write_bytes(b"")
+    assert [Path(p).name for p in frame_paths("v", tmp_path)] == ["frame_9.jpg", "frame_10.jpg", "frame_100.jpg"]
+    assert PipelineConfig().video_frame_sampling == "linspace" and PipelineConfig().video_min_pixels == 3136

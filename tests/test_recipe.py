@@ -152,3 +152,38 @@ def test_lora_a_starts_gaussian_with_std_one_over_rank():
     layer = backbone.model.layers[0].self_attn.q_proj
     bound = 1 / np.sqrt(layer.kernel.shape[0])
     assert np.abs(np.asarray(layer.lora.a.value)).max() <= bound
+
+
+def _recipe_table() -> tuple[dict[str, object], dict[str, tuple[float, str]]]:
+    """(config key -> value, data set -> (weight, ntp_side)) as configs/README.md states them."""
+    import ast
+
+    settings, mixture = {}, {}
+    with open(os.path.join(ROOT, "configs", "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## The 2B recipe", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) == 4 and cells[1].startswith("`") and cells[2].startswith("`"):
+            settings[cells[1].strip("`")] = ast.literal_eval(cells[2].strip("`"))
+        elif len(cells) == 3 and cells[1].replace(".", "", 1).isdigit():
+            mixture[cells[0]] = (float(cells[1]), cells[2])
+    return settings, mixture
+
+
+def test_recipe_config_equals_the_documented_table():
+    settings, mixture = _recipe_table()
+    assert len(settings) >= 40 and len(mixture) == 25
+    config = recipe("data_root=/data/mmeb_train")
+    for key, value in settings.items():
+        got = config
+        for part in key.split("."):
+            got = got[part]
+        got = tuple(got) if isinstance(got, list) else got
+        assert got == value and type(got) is type(value), (key, got, value)
+    assert {d["name"]: (d["weight"], d["ntp_side"]) for d in config.data.datasets} == mixture
+    assert all(d["path"] == f"/data/mmeb_train/{d['name']}.jsonl" for d in config.data.datasets)
+    # The settings the table names are the ones the trainer uses.
+    lora, step = trainer.lora_config(config), trainer.step_config(config)
+    assert (lora.rank, lora.alpha, lora.dropout, lora.dora, lora.init) == (16, 32.0, 0.05, True, "gaussian")
+    assert (step.ntp_until_step, step.ntp_reduction, step.ntp_chunk_size) == (2000, "chunk_token_mean", 8)
+    assert recipe("data_root=/d,gic_whole_run").step.ntp_until_step is None

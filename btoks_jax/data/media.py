@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
 def frame_paths(value, root: Path, check_files: bool = True) -> tuple[str, ...] | None:
@@ -19,7 +24,9 @@ def frame_paths(value, root: Path, check_files: bool = True) -> tuple[str, ...] 
         folder = root / value
         if not folder.is_dir():
             raise ValueError(f"expected a folder of frame images, not found: {folder}")
-        frames = tuple(str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in FRAME_SUFFIXES)
+        # Natural order (digit runs compared as numbers), as the authors' and VLM2Vec's readers sort frames.
+        frames = tuple(str(p) for p in sorted(folder.iterdir(), key=lambda p: _natural_key(p.name))
+                       if p.suffix.lower() in FRAME_SUFFIXES)
         if not frames:
             raise ValueError(f"no frame images ({', '.join(FRAME_SUFFIXES)}) in {folder}")
         return frames

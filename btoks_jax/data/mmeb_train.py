@@ -171,18 +171,40 @@ def parse_record(record: Any, image_root: Path, source: str, *, check_files: boo
     return TrainRow(sides["query"], sides["positive"], sides["negative"], source), stripped
 
 
+def btoks_canonical_text(side: Side) -> str:
+    """The authors' training text of a side (MMEB_FORMATS.md 1.1, "B"): `<|image_1|>\n{body}\n` with media,
+    `{body}\n` without, the bare placeholder for media with no text; body = the text without its placeholder,
+    stripped of surrounding whitespace."""
+    body = _IMAGE_PLACEHOLDER.sub("", _VIDEO_PLACEHOLDER.sub("", side.text)).strip()
+    token = "<|video_1|>" if side.video is not None else "<|image_1|>" if side.image is not None else ""
+    if not token:
+        return f"{body}\n"
+    return f"{token}\n{body}\n" if body else token
+
+
 def apply_prompt_style(row: TrainRow, prompt_style: str) -> TrainRow:
-    """The row with its MMEB placeholders turned into Qwen2-VL vision pads (identity for "mmeb")."""
+    """The row with its MMEB placeholders turned into Qwen2-VL vision pads (identity for "mmeb").
+
+    "btoks" first puts every side in the authors' canonical form (`btoks_canonical_text`), then wraps the
+    pads in `<|vision_start|>..<|vision_end|>`; "vlm2vec" keeps VLM2Vec's text as is, with bare pads.
+    """
     if prompt_style == "mmeb":
         return row
 
     def convert(side: Side | None) -> Side | None:
         if side is None:
             return None
-        return dataclasses.replace(side, text=convert_mmeb_placeholders(side.text, wrap_vision=prompt_style == "btoks"))
+        text = btoks_canonical_text(side) if prompt_style == "btoks" else side.text
+        return dataclasses.replace(side, text=convert_mmeb_placeholders(text, wrap_vision=prompt_style == "btoks"))
 
     return dataclasses.replace(row, query=convert(row.query), positive=convert(row.positive),
                                negative=convert(row.negative))
+
+
+def generation_text(text: str) -> str:
+    """What the generative loss decodes from a side's text: no vision placeholders or pads, leading
+    whitespace dropped, the trailing newline of the canonical form kept (it precedes `<|im_end|>`)."""
+    return _VISION_STRINGS.sub("", _VIDEO_PLACEHOLDER.sub("", _IMAGE_PLACEHOLDER.sub("", text))).lstrip()
 
 
 def text_only(text: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 
 from btoks_jax.btoks import PackedBatch, encode_target, pack
 from btoks_jax.config import ENDOFTEXT_ID, VISION_END_ID, VISION_START_ID, Qwen2VLConfig
-from btoks_jax.data.mmeb_train import DatasetSpec, TrainRow, load_media, read_mmeb_train, text_only
+from btoks_jax.data.mmeb_train import DatasetSpec, TrainRow, generation_text, load_media, read_mmeb_train
 from btoks_jax.processing import ImageProcessor, Processor, VideoProcessor
 
 SIDES = ("query", "positive")
@@ -54,9 +54,10 @@ class PipelineConfig:
     rope_convention: str = "legacy"
     image_min_pixels: int = 28 * 28 * 4
     image_max_pixels: int = 28 * 28 * 1280
-    video_min_pixels: int = 128 * 28 * 28
+    video_min_pixels: int = 28 * 28 * 4
     video_max_pixels: int = 28 * 28 * 768
     video_num_frames: int | None = 8  # frames sampled uniformly from each video (None: all)
+    video_frame_sampling: str = "linspace"  # the authors' linspace(0, n - 1, 8); "hf": HF's sample_frames
     seed: int = 0
     num_threads: int = 16  # grain read threads (tokenisation and image decoding run there)
     prefetch_batches: int = 2  # local batches processed ahead
@@ -204,7 +205,8 @@ class _SampleLoader:
             sides[side] = self._encode(processor, row, side)
             # Only text is generated: the other side's vision placeholders are dropped from its target, and a
             # side with no text left has nothing to generate.
-            text = text_only(getattr(row, other).text) if generates and self.config.target_len else ""
+            text = generation_text(getattr(row, other).text) if generates and self.config.target_len else ""
+            text = text if text.strip() else ""
             targets[side] = self._target(processor, text, row, side) if text else None
         return _Sample(dataset, row_id, sides, targets)
 
@@ -344,7 +346,7 @@ class TrainBatchIterator:
             copy.deepcopy(tokenizer),  # private: see _SampleLoader
             ImageProcessor(min_pixels=config.image_min_pixels, max_pixels=config.image_max_pixels),
             VideoProcessor(min_pixels=config.video_min_pixels, max_pixels=config.video_max_pixels,
-                           num_frames=config.video_num_frames),
+                           num_frames=config.video_num_frames, frame_sampling=config.video_frame_sampling),
         )
         self._loader = _SampleLoader(self.datasets, sources, self.schedule, processor, config, process_index,
                                      self.local_batch)

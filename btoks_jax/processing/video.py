@@ -111,6 +111,19 @@ def sample_frame_indices(total_frames: int, num_frames: int, temporal_patch_size
     return (np.arange(count, dtype=np.float64) * step).astype(np.float32).astype(np.int64)
 
 
+def linspace_frame_indices(total_frames: int, num_frames: int) -> np.ndarray:
+    """The authors' (and VLM2Vec's) frame choice: `linspace(0, n - 1, num_frames)` truncated to ints when the
+    video has at least `num_frames` frames, every frame otherwise (no padding)."""
+    if total_frames < 1:
+        raise ValueError("a video needs at least one frame")
+    if total_frames < num_frames:
+        return np.arange(total_frames)
+    return np.linspace(0, total_frames - 1, num_frames).astype(np.int64)
+
+
+FRAME_SAMPLING = ("hf", "linspace")
+
+
 @dataclasses.dataclass(frozen=True)
 class VideoProcessor:
     """Host-side `Qwen2VLVideoProcessor`; defaults are HF's class defaults (module doc for what differs)."""
@@ -128,6 +141,9 @@ class VideoProcessor:
     do_normalize: bool = True
     do_convert_rgb: bool = True
     num_frames: int | None = None
+    # How `num_frames` frames are picked: "hf" (`sample_frame_indices`, what HF's processor does) or
+    # "linspace" (`linspace_frame_indices`, the authors' training and evaluation readers).
+    frame_sampling: str = "hf"
     cap_pixels_per_frame: bool = False
     max_video_tokens: int = 128000
 
@@ -152,8 +168,13 @@ class VideoProcessor:
             read_processor_config(directory, "video_processor", [VIDEO_PROCESSOR_CONFIG, IMAGE_PROCESSOR_CONFIG])
         )
 
+    def __post_init__(self):
+        if self.frame_sampling not in FRAME_SAMPLING:
+            raise ValueError(f"frame_sampling must be one of {FRAME_SAMPLING}, got {self.frame_sampling!r}")
+
     def to_dict(self) -> dict[str, Any]:
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        config.pop("frame_sampling")  # not a Hugging Face setting
         config["size"] = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
         config["do_sample_frames"] = self.num_frames is not None
         config["resample"] = BICUBIC
@@ -189,7 +210,9 @@ class VideoProcessor:
 
     def preprocess_one(self, frames: Sequence[ImageLike]) -> tuple[np.ndarray, np.ndarray]:
         """One video (a list of frames) -> (float32[gt*gh*gw, C*tp*ps*ps], int64[3] grid (gt, gh, gw))."""
-        if self.num_frames is not None:
+        if self.num_frames is not None and self.frame_sampling == "linspace":
+            frames = [frames[i] for i in linspace_frame_indices(len(frames), self.num_frames)]
+        elif self.num_frames is not None:
             frames = [frames[i] for i in sample_frame_indices(len(frames), self.num_frames, self.temporal_patch_size)]
         pixels = [load_image(frame, self.do_convert_rgb) for frame in frames]
         if len({p.shape for p in pixels}) != 1:
