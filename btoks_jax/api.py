@@ -17,12 +17,13 @@ import os
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from btoks_jax import build
 from btoks_jax import sharding as shd
-from btoks_jax.btoks import BToksModel, pack, pool
+from btoks_jax.btoks import BToksModel, pack
 from btoks_jax.config import Qwen2VLConfig, from_hf_config
 from btoks_jax.evaluate.mmeb import Item
 from btoks_jax.inputs import pack_hf_inputs
@@ -95,7 +96,7 @@ class Embedder:
         if key not in self._embed_fns:
             # Replicated output: in a multi-process run every process can then read all the embeddings.
             out = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-            self._embed_fns[key] = jax.jit(lambda m, x: pool(m.forward(x, layout), layout, pooling),
+            self._embed_fns[key] = jax.jit(lambda m, x: m.pool(m.forward(x, layout), layout, pooling),
                                            out_shardings=out)
         return self._embed_fns[key]
 
@@ -214,7 +215,10 @@ def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = Non
         cfg = from_hf_config(directory, dtype=dtype)
         recorded = read_export_settings(directory)
         k = num_btoks if num_btoks is not None else (_count_btoks(directory) or 4)
-        model = build.build(cfg, num_btoks=k, hf_dir=directory, btok_init=btok_init, mesh=mesh)
+        head = _read_head_config(directory)
+        model = build.build(cfg, num_btoks=k, hf_dir=directory, btok_init=btok_init, mesh=mesh, head=head)
+        if head is not None:
+            _load_head(model.head, directory)
         processor = Processor.from_pretrained(directory) if _has_tokenizer(directory) else Processor(load_tokenizer())
         style = prompt_style or recorded.get("prompt_style", "vlm2vec")
         conv = recorded.get("rope_convention", rope_convention)
@@ -233,6 +237,41 @@ def read_export_settings(directory: str) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+
+def _read_head_config(directory: str):
+    """The pooling head an exported directory carries (`btoks_head.json`), or None."""
+    from btoks_jax.convert.hf_export import HEAD_CONFIG
+
+    path = os.path.join(directory, HEAD_CONFIG)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return build.head_config({"head": json.load(f)})
+
+
+def _load_head(head, directory: str) -> None:
+    """Fills the head's weights from `btoks_head.safetensors` (torch names and layout)."""
+    from safetensors.numpy import load_file
+
+    from btoks_jax.convert.hf_export import HEAD_WEIGHTS
+
+    weights = load_file(os.path.join(directory, HEAD_WEIGHTS))
+    expected = head.torch_state_dict()
+    if set(weights) != set(expected):
+        raise ValueError(f"{directory}/{HEAD_WEIGHTS}: tensors {sorted(weights)}, expected {sorted(expected)}")
+    for name, value in expected.items():
+        if weights[name].shape != value.shape:
+            raise ValueError(f"{directory}/{HEAD_WEIGHTS}: {name} has shape {weights[name].shape}, "
+                             f"expected {value.shape}")
+    head.score_kernel.value = jnp.asarray(weights["attention.weight"].T)
+    head.score_bias.value = jnp.asarray(weights["attention.bias"])
+    head.mlp_in_kernel.value = jnp.asarray(weights["mlp.0.weight"].T)
+    head.mlp_in_bias.value = jnp.asarray(weights["mlp.0.bias"])
+    head.mlp_out_kernel.value = jnp.asarray(weights["mlp.3.weight"].T)
+    head.mlp_out_bias.value = jnp.asarray(weights["mlp.3.bias"])
+    head.norm_weight.value = jnp.asarray(weights["layer_norm.weight"])
+    head.norm_bias.value = jnp.asarray(weights["layer_norm.bias"])
 
 
 def _has_tokenizer(directory: str) -> bool:

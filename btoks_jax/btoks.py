@@ -29,6 +29,7 @@ from btoks_jax.config import (
     VISION_START_ID,
     Qwen2VLConfig,
 )
+from btoks_jax.head import AttentionPoolingConfig, AttentionPoolingHead
 from btoks_jax.inputs import ModelInputs, mm_token_type_ids_from_ids, pack_hf_inputs
 from btoks_jax.mask import Layout, static_mask
 from btoks_jax.model import Qwen2VL
@@ -64,13 +65,19 @@ class BToksModel(nnx.Module):
     """A Qwen2-VL backbone that carries K bottleneck-token vectors and embeds by pooling them."""
 
     def __init__(self, config: Qwen2VLConfig, num_btoks: int = 4, *, rngs: nnx.Rngs,
-                 backbone: Qwen2VL | None = None, btok_ids: Sequence[int] | None = None):
+                 backbone: Qwen2VL | None = None, btok_ids: Sequence[int] | None = None,
+                 head: AttentionPoolingConfig | None = None):
         """`btok_ids`: the vocabulary rows of `<|btok_0|>`..`<|btok_{K-1}|>` in the tokenizer the model comes
         with (a Hugging Face directory's added tokens); None: 151657.. where the vocabulary has those rows,
-        else no rows at all (the BToks are then parameters only, as in the tiny presets)."""
+        else no rows at all (the BToks are then parameters only, as in the tiny presets). `head`: the v2
+        variant's learned attention pooling over the BToks (`btoks_jax.head`); None: their mean."""
         self.config = config
         self.num_btoks = num_btoks
         self.btok_ids = resolve_btok_ids(num_btoks, config.text_config.vocab_size, btok_ids)
+        if head is not None and not num_btoks:
+            raise ValueError("a pooling head needs BToks (num_btoks > 0)")
+        self.head = nnx.data(AttentionPoolingHead(config.text_config.hidden_size, head, rngs=rngs)
+                             if head is not None else None)
         self.backbone = backbone if backbone is not None else Qwen2VL(config, rngs=rngs)
         table = self.backbone.model.embed_tokens.value
         # The authors' stated intent: every BTok starts as the <|im_end|> (EOS) embedding.
@@ -92,11 +99,17 @@ class BToksModel(nnx.Module):
                  mask_mode: str = "condensation", target_logits: bool = False):
         """Returns (embeddings float32[B, D], L2-normalised; target-region logits float[B, Lt, V] or None)."""
         hidden = self.forward(inputs, layout, mask_mode=mask_mode)
-        emb = pool(hidden, layout, pooling)
+        emb = self.pool(hidden, layout, pooling)
         logits = None
         if target_logits and layout.target_len:
             logits = self.target_logits(hidden[:, layout.target_slice])
         return emb, logits
+
+    def pool(self, hidden: jax.Array, layout: Layout, pooling: str = "btoks") -> jax.Array:
+        """float32[B, D] L2-normalised: `pool`, or with a head, the head over the BToks' final states."""
+        if self.head is None or pooling != "btoks":
+            return pool(hidden, layout, pooling)
+        return _normalise(self.head(hidden[:, layout.btok_slice]))
 
     def target_logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, Lt, V]. With a tied head the BTok vectors are also the `<|btok_i|>` output rows,
@@ -123,6 +136,10 @@ def pool(hidden: jax.Array, layout: Layout, pooling: str = "btoks") -> jax.Array
         vec = hidden[:, layout.query_len + layout.num_btoks - 1].astype(jnp.float32)
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose 'btoks' or 'last'")
+    return _normalise(vec)
+
+
+def _normalise(vec: jax.Array) -> jax.Array:
     return vec / jnp.maximum(jnp.linalg.norm(vec, axis=-1, keepdims=True), 1e-12)
 
 

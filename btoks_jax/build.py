@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from btoks_jax import sharding as shd
 from btoks_jax.btoks import BTOK_FIRST_ID, BToksModel
 from btoks_jax.config import PRESETS, Qwen2VLConfig, from_hf_config
+from btoks_jax.head import AttentionPoolingConfig
 from btoks_jax.convert.hf_import import load_hf_weights, path_str
 from btoks_jax.lora import LoRAConfig, apply_lora
 
@@ -57,18 +58,29 @@ def hf_btok_ids(directory: str, num_btoks: int) -> list[int] | None:
     return ids
 
 
+def head_config(model_cfg: Mapping[str, Any]) -> AttentionPoolingConfig | None:
+    """The pooling head of `model.head` (None: mean pooling, the main recipe). Kinds: "attention" (v2)."""
+    spec = dict(model_cfg.get("head") or {})
+    if not spec:
+        return None
+    kind = spec.pop("kind", "attention")
+    if kind != "attention":
+        raise ValueError(f"unknown model.head kind {kind!r}; the only one is 'attention'")
+    return AttentionPoolingConfig(**spec)
+
+
 def _create(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None, seed: int,
-            btok_ids: list[int] | None = None) -> BToksModel:
-    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), btok_ids=btok_ids)
+            btok_ids: list[int] | None = None, head: AttentionPoolingConfig | None = None) -> BToksModel:
+    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), btok_ids=btok_ids, head=head)
     if lora is not None:
         apply_lora(model.backbone, lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
     return model
 
 
 def abstract(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None,
-             btok_ids: list[int] | None = None) -> BToksModel:
-    """The model's structure and shapes, no arrays. `btok_ids` as for `BToksModel` (see `btok_ids_of`)."""
-    return nnx.eval_shape(lambda: _create(cfg, num_btoks, lora, 0, btok_ids))
+             btok_ids: list[int] | None = None, head: AttentionPoolingConfig | None = None) -> BToksModel:
+    """The model's structure and shapes, no arrays. `btok_ids` and `head` as for `BToksModel`."""
+    return nnx.eval_shape(lambda: _create(cfg, num_btoks, lora, 0, btok_ids, head))
 
 
 def btok_ids_of(hf_dir: str | None, num_btoks: int) -> list[int] | None:
@@ -78,7 +90,8 @@ def btok_ids_of(hf_dir: str | None, num_btoks: int) -> list[int] | None:
 
 def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None, hf_dir: str | None = None,
           btok_init: str = "im_end", seed: int = 0, mesh: Mesh | None = None,
-          rules: Mapping[str, Any] = shd.DEFAULT_RULES, progress: bool = True) -> BToksModel:
+          rules: Mapping[str, Any] = shd.DEFAULT_RULES, progress: bool = True,
+          head: AttentionPoolingConfig | None = None) -> BToksModel:
     """A concrete BToksModel whose parameters already live in their shardings (no full copy anywhere).
 
     `btok_init`: "im_end" (every BTok starts as the `<|im_end|>` row, the authors' stated intent) or
@@ -88,16 +101,17 @@ def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None,
     """
     mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
     ids = btok_ids_of(hf_dir, num_btoks)
-    graphdef, abs_state = nnx.split(abstract(cfg, num_btoks, lora, ids))
+    graphdef, abs_state = nnx.split(abstract(cfg, num_btoks, lora, ids, head))
     shardings = shd.state_shardings(abs_state, mesh, rules)
     if hf_dir is None:
-        state = jax.jit(lambda: nnx.split(_create(cfg, num_btoks, lora, seed))[1], out_shardings=shardings)()
+        state = jax.jit(lambda: nnx.split(_create(cfg, num_btoks, lora, seed, None, head))[1],
+                        out_shardings=shardings)()
         return nnx.merge(graphdef, state)
 
     flat = {path_str(p): s for p, s in nnx.to_flat_state(shardings)}
     backbone, _ = load_hf_weights(hf_dir, cfg, sharding_for=lambda path, shape: flat["backbone." + path].get_value(),
                                   progress=progress)
-    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), backbone=backbone, btok_ids=ids)
+    model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), backbone=backbone, btok_ids=ids, head=head)
     if ids is not None or (btok_init == "vocab_rows" and num_btoks):
         start = ids[0] if ids is not None else BTOK_FIRST_ID
         model.btoks.value = jax.lax.dynamic_slice_in_dim(backbone.model.embed_tokens.value, start, num_btoks)

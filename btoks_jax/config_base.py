@@ -32,7 +32,9 @@ def base_config() -> ml_collections.ConfigDict:
     # The architecture: a preset ("tiny", "qwen2-vl-2b", "qwen2-vl-7b") or the config.json of hf_dir,
     # whose weights are then imported. `overrides` changes preset sizes: {"text": {...}, "vision": {...}}.
     c.model = dict(preset="tiny", hf_dir="", overrides={}, dtype="float32", param_dtype="float32",
-                   attention_impl="dense", remat=False, btok_init="im_end")
+                   attention_impl="dense", remat=False, btok_init="im_end", head=None)
+    # model.head: None (the BToks' mean) or dict(kind="attention", mlp_ratio=, dropout=, attention_scale=), the
+    # authors' v2 learned pooling (btoks_jax.head).
     c.lora = dict(enabled=False, rank=16, alpha=32.0, dropout=0.05, dora=False, init="gaussian",
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
     # train_step.StepConfig: objective contrastive | gic | joint; lambda = ntp_weight until ntp_until_step

@@ -73,6 +73,7 @@ def run_meta(config, mcfg: Qwen2VLConfig) -> dict[str, Any]:
         "num_btoks": config.data.num_btoks,
         # The vocabulary rows the BToks tie to (a Hugging Face directory's `<|btok_i|>` ids; None: the default).
         "btok_ids": build.btok_ids_of(config.model.get("hf_dir") or None, config.data.num_btoks),
+        "head": _to_dict(config.model.get("head") or {}) or None,
         "lora": _to_dict(config.lora),
         "trainable": config.step.trainable,
         "optim": _to_dict(config.optim),
@@ -117,8 +118,8 @@ def enable_compilation_cache(config) -> str | None:
 # ============================================================================== restore for inference / export
 
 
-def _abstract_state(mcfg, num_btoks, lora, mode, tx, mesh, rules=shd.DEFAULT_RULES, btok_ids=None):
-    graphdef, params, frozen = TS.split_model(build.abstract(mcfg, num_btoks, lora, btok_ids), mode)
+def _abstract_state(mcfg, num_btoks, lora, mode, tx, mesh, rules=shd.DEFAULT_RULES, btok_ids=None, head=None):
+    graphdef, params, frozen = TS.split_model(build.abstract(mcfg, num_btoks, lora, btok_ids, head), mode)
     p_sh = shd.state_shardings(params, mesh, rules)
     f_sh = shd.state_shardings(frozen, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -151,7 +152,8 @@ def restore_model(workdir: str, *, step: int | None = None, mesh=None, merge: bo
         lora = LoRAConfig(**lc)
     tx, _ = TS.make_optimizer(total_steps=meta["total_steps"], **meta["optim"])
     graphdef, abs_state, abs_frozen = _abstract_state(mcfg, meta["num_btoks"], lora, meta["trainable"], tx, mesh,
-                                                      btok_ids=meta.get("btok_ids"))
+                                                      btok_ids=meta.get("btok_ids"),
+                                                      head=build.head_config({"head": meta.get("head")}))
     mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
     _, state, frozen, _, _ = checkpoint.restore(mgr, step, abs_state, abs_frozen)
     model = nnx.merge(graphdef, state.params, frozen)
@@ -246,7 +248,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     data_state = None
     if mgr.latest_step() is not None:
         graphdef, abs_state, abs_frozen = _abstract_state(mcfg, config.data.num_btoks, lora, scfg.trainable, tx,
-                                                          mesh, rules, btok_ids=meta["btok_ids"])
+                                                          mesh, rules, btok_ids=meta["btok_ids"],
+                                                          head=build.head_config(config.model))
         start, state, frozen, data_state, saved_meta = checkpoint.restore(mgr, None, abs_state, abs_frozen)
         if saved_meta.get("model_config") != meta["model_config"]:
             raise checkpoint.CheckpointError(f"{workdir}: the checkpoint was written for another model config")
@@ -255,7 +258,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     else:
         model = build.build(mcfg, num_btoks=config.data.num_btoks, lora=lora, hf_dir=config.model.get("hf_dir") or None,
                             btok_init=config.model.get("btok_init", "im_end"), seed=config.seed, mesh=mesh,
-                            rules=rules, progress=is_main)
+                            rules=rules, progress=is_main, head=build.head_config(config.model))
         graphdef, params, frozen = TS.split_model(model, scfg.trainable)
         state = TS.init_state(params, tx, config.seed)
         start = 0

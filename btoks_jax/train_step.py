@@ -25,6 +25,7 @@ from flax import nnx
 
 from btoks_jax import losses
 from btoks_jax.btoks import BTokParam
+from btoks_jax.head import HeadParam
 from btoks_jax.lora import LoRAParam
 from btoks_jax.mask import Layout
 
@@ -51,9 +52,9 @@ class StepConfig:
 
 
 def trainable_filter(mode: str):
-    """Which variables train: adapters and BToks (LoRA mode) or every parameter (full)."""
+    """Which variables train: adapters, BToks and a pooling head (LoRA mode) or every parameter (full)."""
     if mode == "lora":
-        return nnx.Any(LoRAParam, BTokParam)
+        return nnx.Any(LoRAParam, BTokParam, HeadParam)
     if mode == "full":
         return nnx.Param
     raise ValueError(f"trainable must be 'lora' or 'full', got {mode!r}")
@@ -195,9 +196,10 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
 
 
 # The Hugging Face Trainer's `get_decay_parameter_names`: no decay for parameters of `nn.LayerNorm` modules
-# (the vision tower's norm1 / norm2 and the merger's ln_q) nor for names matching these patterns.
+# (the vision tower's norm1 / norm2, the merger's ln_q, the v2 head's layer_norm) nor for names matching
+# these patterns.
 _NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
-_LAYERNORM_MODULES = re.compile(r"(?:^|\.)visual\.(?:blocks\.\d+\.norm[12]|merger\.ln_q)\.")
+_LAYERNORM_MODULES = re.compile(r"(?:^|\.)(?:visual\.(?:blocks\.\d+\.norm[12]|merger\.ln_q)\.|head\.norm_)")
 
 
 def decays(path: str) -> bool:

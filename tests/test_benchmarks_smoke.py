@@ -39,6 +39,16 @@ def test_tiny_compile_writes_records(tmp_path, capsys):
     assert record["bytes_per_chip"] == (record["argument_bytes"] + record["output_bytes"] + record["temp_bytes"]
                                         - record["alias_bytes"]) > 0
     assert record["fits"] is True and record["flops"] > 0
+    # The step compiled is the recipe's own, unpatched: its runlocal version with every code path on.
+    assert "workaround" not in record
+    assert record["config"].endswith("qwen2vl_2b.py:runlocal")
+    assert record["lora"]["dora"] and record["lora"]["dropout"] == 0.05 and record["remat"]
+    assert (record["dtype"], record["param_dtype"]) == ("bfloat16", "float32")
+
+    # The committed launch table comes from compiles of the unmodified 2B recipe.
+    committed = json.loads((SCRIPT.parents[1] / "launch" / "aot_compile_2b.json").read_text())
+    assert committed and not any("workaround" in r for r in committed)
+    assert all(r["lora"]["dora"] and r["lora"]["dropout"] == 0.05 and r["remat"] for r in committed)
 
     # --append replaces the record of the same configuration and keeps the others.
     other = dict(record, chunk_size=16)

@@ -436,3 +436,30 @@ def test_refuses_non_empty_dir_and_leaves_nothing_on_failure(tmp_path, tokenizer
     export_hf(model, out, tokenizer=tokenizer, progress=False, overwrite=True)
     assert "keep.txt" not in os.listdir(out) and "model.safetensors" in os.listdir(out)
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_pooling_head_travels_with_the_export(tmp_path, tokenizer, media):
+    """A v2 model (learned attention pooling) exports its head beside the weights; `from_pretrained` brings it
+    back, so the exported directory embeds as the trained model does."""
+    from btoks_jax.api import from_pretrained
+    from btoks_jax.convert.hf_export import HEAD_CONFIG, HEAD_WEIGHTS
+    from btoks_jax.head import AttentionPoolingConfig
+
+    model = BToksModel(CFG, 4, rngs=nnx.Rngs(7), head=AttentionPoolingConfig(mlp_ratio=2.0, dropout=0.1))
+    _perturb(model, 7)
+    model = _onto(model, _single_mesh())
+    model.eval()
+    out = export_hf(model, tmp_path / "hf", tokenizer=tokenizer, video_processor=VIDEO_PROCESSOR, progress=False)
+    assert os.path.exists(os.path.join(out, HEAD_WEIGHTS)) and os.path.exists(os.path.join(out, HEAD_CONFIG))
+    with open(os.path.join(out, "README.md"), encoding="utf-8") as f:
+        assert "pooling head" in f.read()
+    loaded = from_pretrained(out, shard=False)
+    assert loaded.model.head is not None and loaded.model.head.cfg.mlp_ratio == 2.0
+    texts = ["a cat on a mat", "<|vision_start|><|image_pad|><|vision_end|>a photo"]
+    images, _ = media
+    ref = _jax_embed(model, out, texts, images, None)
+    got = _jax_embed(loaded.model, out, texts, images, None)
+    assert np.abs(got - ref).max() <= 1e-5
+    mean_pooled = _jax_embed(_onto(BToksModel(CFG, 4, rngs=nnx.Rngs(0), backbone=model.backbone), _single_mesh()),
+                             out, texts, images, None)
+    assert np.abs(mean_pooled - ref).max() > 1e-3  # the head is what pools, not the mean

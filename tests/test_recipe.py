@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -187,3 +188,65 @@ def test_recipe_config_equals_the_documented_table():
     assert (lora.rank, lora.alpha, lora.dropout, lora.dora, lora.init) == (16, 32.0, 0.05, True, "gaussian")
     assert (step.ntp_until_step, step.ntp_reduction, step.ntp_chunk_size) == (2000, "chunk_token_mean", 8)
     assert recipe("data_root=/d,gic_whole_run").step.ntp_until_step is None
+
+
+def test_v2_attention_pooling_head_equals_the_authors_module():
+    """The v2 head against the authors' BToksAttentionPooling restated with torch.nn (Linear D->1 scores
+    scaled by 1/sqrt(D), softmax over the BToks, Linear-GELU-Dropout-Linear-Dropout, LayerNorm of the residual)."""
+    import torch
+    from flax import nnx
+
+    from btoks_jax.head import AttentionPoolingConfig, AttentionPoolingHead
+
+    d, k = 32, 4
+    head = AttentionPoolingHead(d, AttentionPoolingConfig(mlp_ratio=4.0, dropout=0.1), rngs=nnx.Rngs(0))
+    head.eval()
+    attention = torch.nn.Linear(d, 1)
+    mlp = torch.nn.Sequential(torch.nn.Linear(d, 4 * d), torch.nn.GELU(), torch.nn.Dropout(0.1),
+                              torch.nn.Linear(4 * d, d), torch.nn.Dropout(0.1))
+    norm = torch.nn.LayerNorm(d)
+    weights = {key: torch.from_numpy(np.array(v)) for key, v in head.torch_state_dict().items()}
+    weights["layer_norm.weight"] = weights["layer_norm.weight"] + 0.1  # not the identity
+    head.norm_weight.value = head.norm_weight.value + 0.1
+    with torch.no_grad():
+        attention.weight.copy_(weights["attention.weight"]), attention.bias.copy_(weights["attention.bias"])
+        mlp[0].weight.copy_(weights["mlp.0.weight"]), mlp[0].bias.copy_(weights["mlp.0.bias"])
+        mlp[3].weight.copy_(weights["mlp.3.weight"]), mlp[3].bias.copy_(weights["mlp.3.bias"])
+        norm.weight.copy_(weights["layer_norm.weight"]), norm.bias.copy_(weights["layer_norm.bias"])
+    mlp.eval()
+    hidden = np.random.default_rng(0).standard_normal((3, k, d)).astype(np.float32)
+    with torch.no_grad():
+        h = torch.from_numpy(hidden)
+        a = torch.softmax(attention(h) / d**0.5, dim=1)
+        x = (h * a).sum(1)
+        ref = norm(x + mlp(x)).numpy()
+    assert np.abs(np.asarray(head(jnp.asarray(hidden))) - ref).max() <= 1e-5
+    # Initial weights as the authors' module starts: xavier-uniform scores with zero bias.
+    fresh = AttentionPoolingHead(1536, AttentionPoolingConfig(), rngs=nnx.Rngs(1))
+    assert not np.asarray(fresh.score_bias.value).any()
+    assert np.abs(np.asarray(fresh.score_kernel.value)).max() <= np.sqrt(6 / 1537)
+    assert fresh.mlp_in_kernel.shape == (1536, 6144)
+
+
+def test_v2_runlocal_trains_the_head(emoji_dir, tmp_path):
+    """configs/qwen2vl_2b_v2.py through its own code path: the head trains with the adapters."""
+    spec = importlib.util.spec_from_file_location("qwen2vl_2b_v2", os.path.join(ROOT, "configs", "qwen2vl_2b_v2.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(f"runlocal,data_root={emoji_dir},steps=4")
+    assert config.model.head.to_dict() == {"kind": "attention", "mlp_ratio": 4.0, "dropout": 0.1,
+                                           "attention_scale": True}
+    assert config.step.ntp_until_step is None  # generation_loss_duration 5000: lambda the whole run
+    config.model.attention_impl = "dense"  # the splash path of the same step is trained by the 2B test above
+    config.progress = False
+    workdir = str(tmp_path / "v2")
+    trainer.train(config, workdir)
+    trained, meta = trainer.restore_model(workdir)
+    assert meta["head"]["kind"] == "attention" and trained.head is not None
+    mcfg = build.model_config(config.model.to_dict())
+    initial = build.build(mcfg, num_btoks=4, lora=trainer.lora_config(config), seed=config.seed, progress=False,
+                          head=build.head_config(config.model))
+    moved = np.abs(np.asarray(trained.head.mlp_out_kernel.value) - np.asarray(initial.head.mlp_out_kernel.value))
+    assert moved.max() > 0  # the head is trained
+    base0 = np.asarray(initial.backbone.model.layers[0].mlp.gate_proj.kernel.value)
+    assert np.array_equal(np.asarray(trained.backbone.model.layers[0].mlp.gate_proj.kernel.value), base0)

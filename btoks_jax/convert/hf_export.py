@@ -411,13 +411,42 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
         _write_json(os.path.join(tmp, "generation_config.json"), GENERATION_CONFIG)
         image_processor.save_pretrained(tmp)
         video_processor.save_pretrained(tmp)
+        card = model_card(config, model.num_btoks, btok_ids, dtype, source_note)
+        if model.head is not None:
+            _write_head(model.head, tmp)
+            card += HEAD_CARD
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(config, model.num_btoks, btok_ids, dtype, source_note))
+            f.write(card)
         _publish(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+HEAD_WEIGHTS = "btoks_head.safetensors"
+HEAD_CONFIG = "btoks_head.json"
+HEAD_CARD = f"""
+## The pooling head (v2)
+
+This model pools the BToks with a learned attention head instead of their mean: `{HEAD_WEIGHTS}` holds its
+float32 weights under the names of `BToksAttentionPooling` (`attention`, `mlp.0`, `mlp.3`, `layer_norm`, torch
+layout) and `{HEAD_CONFIG}` its settings. With `h` the K BToks' last hidden states, float[B, K, D]:
+`a = softmax_K(attention(h) / sqrt(D))`, `x = sum_K a * h`, `e = layer_norm(x + mlp(x))` with
+`mlp = Linear, GELU, Dropout, Linear, Dropout` (dropout off at inference), then L2-normalise `e`.
+`btoks_jax.from_pretrained` loads the head with the model.
+"""
+
+
+def _write_head(head, directory: str) -> None:
+    """The pooling head as float32 safetensors under the authors' module names, and its settings."""
+    import dataclasses as dc
+
+    from safetensors.numpy import save_file
+
+    save_file({k: np.asarray(jax.device_get(v), np.float32) for k, v in head.torch_state_dict().items()},
+              os.path.join(directory, HEAD_WEIGHTS))
+    _write_json(os.path.join(directory, HEAD_CONFIG), {"kind": "attention", **dc.asdict(head.cfg)})
 
 
 def _write_json(path: str, obj) -> None:
@@ -426,4 +455,5 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-__all__ = ["CARD_PLACEHOLDER_DIR", "DTYPES", "export_hf", "hf_state_dict_keys", "model_card"]
+__all__ = ["CARD_PLACEHOLDER_DIR", "DTYPES", "HEAD_CONFIG", "HEAD_WEIGHTS", "export_hf", "hf_state_dict_keys",
+           "model_card"]

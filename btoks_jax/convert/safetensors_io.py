@@ -41,8 +41,11 @@ def checkpoint_files(directory: str) -> list[str]:
     if os.path.exists(index):
         with open(index) as f:
             names = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(directory, "model.safetensors")):
+        names = ["model.safetensors"]  # what transformers reads without an index
     else:
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+        # Files of btoks-jax's own (`btoks_head.safetensors`, the v2 pooling head) are not model weights.
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors") and not n.startswith("btoks_"))
     if not names:
         raise FileNotFoundError(f"{directory}: no *.safetensors files (and no model.safetensors.index.json)")
     paths = [os.path.join(directory, n) for n in names]
