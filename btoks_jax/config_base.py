@@ -38,9 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = dict(enabled=False, rank=16, alpha=32.0, dropout=0.05, dora=False, init="gaussian",
                   targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
     # train_step.StepConfig: objective contrastive | gic | joint; lambda = ntp_weight until ntp_until_step
-    # (None: the whole run); chunk_size = GradCache chunk (0: whole batch in one pass).
-    c.step = dict(objective="joint", temperature=0.02, ntp_weight=5.0, ntp_until_step=None,
-                  ntp_reduction="sample_mean", ntp_chunk_size=8, chunk_size=0, pooling="btoks",
+    # (None: the whole run); chunk_size = GradCache chunk (0: whole batch in one pass). Defaults are the
+    # authors' main preset: lambda 5 for the first 2000 of 5000 steps, GIC as a per-chunk token mean.
+    c.step = dict(objective="joint", temperature=0.02, ntp_weight=5.0, ntp_until_step=2000,
+                  ntp_reduction="chunk_token_mean", ntp_chunk_size=8, chunk_size=0, pooling="btoks",
                   mask_mode="condensation", symmetric=False, trainable="lora")
     c.optim = dict(learning_rate=5e-5, warmup_steps=100, weight_decay=0.01, clip_norm=1.0)
     # data.pipeline.PipelineConfig fields plus the mixture; `prepare="emoji"` builds the embedded data set.

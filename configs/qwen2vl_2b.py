@@ -34,7 +34,7 @@ MMEB_TRAIN = [
 # ViDoRe's colpali_train_set (the page + question generate the answer), VisRAG in-domain (the page's BToks
 # generate the query), and the LLaVA-Hound video sets: captioning, its text-to-video twin, and video QA.
 EXTRA = [
-    ("colpali_train_set", "positive", 10.0), ("visrag_indomain", "query", 12.0),
+    ("colpali_train_set", "positive", 10.0), ("visrag-indomain", "query", 12.0),
     ("video_caption_300k", "positive", 5.0), ("video_caption_300k-video", "query", 5.0),
     ("video_qa_240k", "positive", 5.0),
 ]
@@ -43,6 +43,7 @@ EXTRA = [
 def get_config(arg=None):
     a = parse_arg(arg, data_root="", gic_whole_run=False, chunk=128, runlocal=False, steps=8)
     c = base_config()
+    c.seed = 42
     c.total_steps = 5000
     c.log_every = 10
     c.model.preset = "qwen2-vl-2b"  # the architecture when no weights are given (and what hf_dir must match)
@@ -69,6 +70,7 @@ def get_config(arg=None):
                    eps=1e-8)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     c.data.num_btoks = 4
+    c.data.seed = 42
     c.data.global_batch_size = 1024
     c.data.subbatch_size = 512
     c.data.prompt_style = "btoks"

@@ -29,6 +29,8 @@ def get_config(arg=None):
     # The authors' main preset: lambda = 5 for the first 2000 of 5000 steps (GIC as warm-up), scaled to this run.
     c.step.ntp_until_step = int(a.gic_warmup * c.total_steps) if a.gic_warmup else None
     c.step.pooling = a.pooling
+    # This demo's choice: each generating sample's token mean (batches of one task; independent of chunking).
+    c.step.ntp_reduction = "sample_mean"
     c.step.trainable = "full"  # from scratch: every weight trains
     c.optim = dict(learning_rate=1e-3, warmup_steps=20 if not a.runlocal else 1, weight_decay=0.01, clip_norm=1.0)
     data_dir = a.data_dir or default_data_dir()

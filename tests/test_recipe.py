@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -162,18 +163,24 @@ def _recipe_table() -> tuple[dict[str, object], dict[str, tuple[float, str]]]:
     settings, mixture = {}, {}
     with open(os.path.join(ROOT, "configs", "README.md"), encoding="utf-8") as f:
         section = f.read().split("## The 2B recipe", 1)[1].split("\n## ", 1)[0]
+    rows = 0
     for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if not line.startswith("|") or line.startswith("|---") or line.startswith("| setting") or \
+                line.startswith("| data set"):
+            continue
+        rows += 1
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])]  # "\|" is a pipe inside a cell
         if len(cells) == 4 and cells[1].startswith("`") and cells[2].startswith("`"):
             settings[cells[1].strip("`")] = ast.literal_eval(cells[2].strip("`"))
         elif len(cells) == 3 and cells[1].replace(".", "", 1).isdigit():
             mixture[cells[0]] = (float(cells[1]), cells[2])
+    assert rows == len(settings) + len(mixture), "a table row was not understood"
     return settings, mixture
 
 
 def test_recipe_config_equals_the_documented_table():
     settings, mixture = _recipe_table()
-    assert len(settings) >= 40 and len(mixture) == 25
+    assert len(settings) == 49 and len(mixture) == 25
     config = recipe("data_root=/data/mmeb_train")
     for key, value in settings.items():
         got = config
