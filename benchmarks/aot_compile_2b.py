@@ -42,15 +42,18 @@ GENERATIONS = {
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "qwen2vl_2b.py"
 
-# The query side holds the largest image of the recipe, 28*28*1280 pixels: 1280 merged tokens from 5120 patches,
-# plus vision start/end and the instruction. 1404 query columns + K + 128 target columns make 1536 = 3 x 512, so
-# the splash kernel's 512 tiles cover the sequence with no padding (1408 would pad 1540 up to 2048).
-QUERY = {"query_len": 1404, "target_len": 128, "patches": 5120}
-# The positive side is text: 124 + K + 128 = 256 columns, one splash tile.
-POSITIVE = {"query_len": 124, "target_len": 128, "patches": 0}
 
-TINY_QUERY = {"query_len": 24, "target_len": 8, "patches": 64}
-TINY_POSITIVE = {"query_len": 12, "target_len": 8, "patches": 0}
+def largest_program(data) -> tuple[dict, dict]:
+    """The sequence budgets of the largest step program the config's data settings let the trainer build.
+
+    The query side takes the last (longest) bucket with its patch budget and the longest target region; the
+    positive side is text (the first bucket, no pixels) with the longest target region too, although a data set
+    generates on one side only. Every program of the run is at most this large: if it fits, they all fit.
+    """
+    (q_len, q_patches), (p_len, _) = data.buckets[-1], data.buckets[0]
+    target = max(data.target_buckets or (data.target_len,))
+    return ({"query_len": q_len, "target_len": target, "patches": q_patches},
+            {"query_len": p_len, "target_len": target, "patches": 0})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=None, help="default: the config's data.global_batch_size")
     p.add_argument("--attention", choices=("splash", "dense"), default=None,
                    help="decoder attention path (default: the config's model.attention_impl)")
-    p.add_argument("--query-len", type=int, default=None, help="query-side [Q] columns (image side)")
+    p.add_argument("--query-len", type=int, default=None,
+                   help="query-side [Q] columns (image side; default: the config's longest bucket)")
     p.add_argument("--target-len", type=int, default=None, help="query-side [T] columns")
     p.add_argument("--patches", type=int, default=None, help="query-side vision patch budget per sample")
     p.add_argument("--pos-query-len", type=int, default=None, help="positive-side [Q] columns (text side)")
@@ -101,11 +105,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from btoks_jax import build, train  # noqa: E402
-from btoks_jax import sharding as shd  # noqa: E402
-from btoks_jax import train_step as TS  # noqa: E402
+from btoks_jax import build, sharding, train, train_step  # noqa: E402
 from btoks_jax.inputs import ModelInputs  # noqa: E402
 from btoks_jax.mask import Layout  # noqa: E402
 
@@ -142,6 +143,13 @@ def _with_shardings(tree, shardings):
                               for x, s in zip(leaves, shard_leaves)])
 
 
+def _display_path(path: str) -> str:
+    """A config path as a record stores it: relative to the repository when inside it."""
+    file, colon, arg = path.partition(":")
+    resolved = Path(file).resolve()
+    return (str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else file) + colon + arg
+
+
 def load_recipe(path: str, tiny: bool):
     """The training config (an ml_collections ConfigDict) as `btoks train --config PATH[:ARG]` reads it."""
     import importlib.util
@@ -159,16 +167,16 @@ def load_recipe(path: str, tiny: bool):
 
 def abstract_state(model_cfg, num_btoks: int, lora, trainable: str, tx, mesh):
     """(graphdef, abstract TrainState, abstract frozen state), every leaf with the sharding the trainer uses."""
-    graphdef, params, frozen = TS.split_model(build.abstract(model_cfg, num_btoks, lora), trainable)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params = _with_shardings(params, shd.state_shardings(params, mesh))
-    frozen = _with_shardings(frozen, shd.state_shardings(frozen, mesh))
+    graphdef, params, frozen = train_step.split_model(build.abstract(model_cfg, num_btoks, lora), trainable)
+    replicated = sharding.replicated(mesh)
+    params = _with_shardings(params, sharding.state_shardings(params, mesh))
+    frozen = _with_shardings(frozen, sharding.state_shardings(frozen, mesh))
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    # Adam moments take their parameter's sharding; counters are replicated (as TS.init_state leaves them).
+    # Adam moments take their parameter's sharding; counters are replicated (as train_step.init_state leaves them).
     opt = optax.tree_map_params(
         tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params),
         param_shardings, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
-    state = TS.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+    state = train_step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
                           opt_state=opt, rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
     return graphdef, state, frozen
 
@@ -214,10 +222,9 @@ def compile_step(args, *, tiny: bool) -> dict:
     config = load_recipe(args.config, tiny)
     if tiny:
         devices, generation = jax.devices(), None
-        q_budget, p_budget = dict(TINY_QUERY), dict(TINY_POSITIVE)
     else:
         generation, devices = topology_devices(args.topology)
-        q_budget, p_budget = dict(QUERY), dict(POSITIVE)
+    q_budget, p_budget = largest_program(config.data)
     for key, value in (("query_len", args.query_len), ("target_len", args.target_len), ("patches", args.patches)):
         q_budget[key] = value if value is not None else q_budget[key]
     for key, value in (("query_len", args.pos_query_len), ("target_len", args.pos_target_len),
@@ -237,7 +244,7 @@ def compile_step(args, *, tiny: bool) -> dict:
         devices = devices[:math.prod(int(x) for x in args.mesh.split(","))]
     chips = len(devices)
     data, fsdp, tensor = _mesh_shape(args.mesh, chips)
-    mesh = shd.make_mesh(data, fsdp, tensor, devices=devices)
+    mesh = sharding.make_mesh(data, fsdp, tensor, devices=devices)
     batch_shards = data * fsdp
     chunk = args.chunk_size or step_cfg.chunk_size or batch_shards
     if global_batch % chunk or chunk % batch_shards:
@@ -249,9 +256,9 @@ def compile_step(args, *, tiny: bool) -> dict:
     q_side, q_layout = abstract_side(model_cfg, global_batch, num_btoks, **q_budget)
     p_side, p_layout = abstract_side(model_cfg, global_batch, num_btoks, **p_budget)
     batch = {"query": q_side, "positive": p_side}
-    batch = _with_shardings(batch, TS.batch_shardings(batch, mesh))
+    batch = _with_shardings(batch, sharding.batch_shardings(batch, mesh))
     # The trainer's own jit: explicit in/out shardings, the train state donated.
-    jitted = TS.compile_step(graphdef=graphdef, layouts=(q_layout, p_layout), cfg=step_cfg, tx=tx,
+    jitted = train_step.compile_step(graphdef=graphdef, layouts=(q_layout, p_layout), cfg=step_cfg, tx=tx,
                              schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
 
     hbm = GENERATIONS[generation]["hbm"] if generation else 16 * GIB  # tiny: a nominal 16 GiB, smoke only
@@ -274,7 +281,7 @@ def compile_step(args, *, tiny: bool) -> dict:
         "positive_target_len": p_budget["target_len"],
         "positive_patches": p_budget["patches"],
         "positive_sequence_len": p_layout.length,
-        "config": args.config + (":runlocal" if tiny else ""),
+        "config": _display_path(args.config) + (":runlocal" if tiny else ""),
         "num_btoks": num_btoks,
         "attention_impl": model_cfg.attention_impl,
         "remat": model_cfg.remat,
@@ -290,7 +297,7 @@ def compile_step(args, *, tiny: bool) -> dict:
     }
     t0 = time.perf_counter()
     try:
-        with jax.set_mesh(mesh), shd.activation_sharding(mesh):  # set_mesh: splash runs per shard via shard_map
+        with jax.set_mesh(mesh), sharding.activation_sharding(mesh):  # set_mesh: splash runs per shard via shard_map
             lowered = jitted.lower(state, frozen, batch)
             record["lower_seconds"] = round(time.perf_counter() - t0, 1)
             # The traced program before partitioning and optimisation: the whole chunk's work, the model's own

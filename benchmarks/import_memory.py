@@ -23,13 +23,13 @@ import numpy as np
 
 def write_checkpoint(directory: str, dtype: str, shard_bytes: int = 2 * 2**30) -> int:
     import ml_dtypes
+    from flax import nnx
     from safetensors.numpy import save_file
 
-    from btoks_jax.config import QWEN2_VL_2B
     from btoks_jax.convert.hf_export import hf_state_dict_keys
     from btoks_jax.convert.hf_import import abstract_model, path_str
     from btoks_jax.convert.names import expected_hf_shape, path_to_hf
-    from flax import nnx
+    from btoks_jax.model_config import QWEN2_VL_2B
 
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
     flat = {path_str(p): v.value.shape for p, v in nnx.to_flat_state(nnx.state(abstract_model(QWEN2_VL_2B)))}
@@ -67,7 +67,7 @@ def write_checkpoint(directory: str, dtype: str, shard_bytes: int = 2 * 2**30) -
 CHILD = r"""
 import resource, sys, time
 import jax
-from btoks_jax.config import from_hf_config
+from btoks_jax.model_config import from_hf_config
 from btoks_jax.convert.hf_import import load_hf_weights
 d, dtype = sys.argv[1], sys.argv[2]
 t = time.perf_counter()
@@ -89,7 +89,8 @@ def main() -> None:
     else:
         t = time.perf_counter()
         total = write_checkpoint(args.workdir, args.dtype)
-        print(f"wrote a random 2B checkpoint ({total / 2**30:.2f} GiB, {args.dtype}) in {time.perf_counter() - t:.0f} s")
+        seconds = time.perf_counter() - t
+        print(f"wrote a random 2B checkpoint ({total / 2**30:.2f} GiB, {args.dtype}) in {seconds:.0f} s")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", CHILD, args.workdir, args.dtype], env=env, capture_output=True,
                          text=True, check=True).stdout.split()

@@ -21,13 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from btoks_jax import build
-from btoks_jax import sharding as shd
-from btoks_jax.btoks import BToksModel, pack
-from btoks_jax.config import Qwen2VLConfig, from_hf_config
+from btoks_jax import build, checkpoint, sharding
+from btoks_jax.btoks import BToksModel
 from btoks_jax.evaluate.mmeb import Item
-from btoks_jax.inputs import pack_hf_inputs
+from btoks_jax.inputs import pack, pack_hf_inputs
 from btoks_jax.mask import Layout
+from btoks_jax.model_config import Qwen2VLConfig, from_hf_config
 from btoks_jax.processing import (
     ImageProcessor,
     Processor,
@@ -35,8 +34,6 @@ from btoks_jax.processing import (
     load_tokenizer,
     sample_frame_indices,
 )
-
-PROMPT_STYLES = ("vlm2vec", "btoks")
 
 
 def item_prompt(item: Item, style: str = "vlm2vec") -> str:
@@ -95,7 +92,7 @@ class Embedder:
         key = (layout, pooling)
         if key not in self._embed_fns:
             # Replicated output: in a multi-process run every process can then read all the embeddings.
-            out = None if self.mesh is None else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            out = None if self.mesh is None else sharding.replicated(self.mesh)
             self._embed_fns[key] = jax.jit(lambda m, x: m.pool(m.forward(x, layout), layout, pooling),
                                            out_shardings=out)
         return self._embed_fns[key]
@@ -131,10 +128,12 @@ class Embedder:
             hf = _repeat_last(hf, rows - n)
         packed = pack(hf, self.config, num_btoks=self.num_btoks, query_len=_bucket(int(real.max())),
                       rope_convention=self.rope_convention, patch_budget=_bucket(patches, 16) if patches else 0)
-        inputs = packed.inputs
-        if self.mesh is not None:
-            inputs = jax.device_put(inputs, _input_shardings(inputs, self.mesh))
-        return np.asarray(self._embed_fn(packed.layout, pooling)(self.model, inputs))[:n]
+        inputs, embed = packed.inputs, self._embed_fn(packed.layout, pooling)
+        if self.mesh is None:
+            return np.asarray(embed(self.model, inputs))[:n]
+        inputs = jax.device_put(inputs, sharding.batch_shardings(inputs, self.mesh))
+        with jax.set_mesh(self.mesh):  # the splash kernel runs per shard (shard_map), as in training
+            return np.asarray(embed(self.model, inputs))[:n]
 
     def embed_items(self, items: Sequence[Item], *, pooling: str = "btoks", batch_size: int = 16,
                     progress: bool = True) -> np.ndarray:
@@ -175,16 +174,8 @@ def _repeat_last(hf: dict, extra: int) -> dict:
     return out
 
 
-def _input_shardings(inputs, mesh):
-    def one(path, x):
-        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
-        return shd.batch_sharding(mesh, x.ndim, axis)
-
-    return jax.tree_util.tree_map_with_path(one, inputs)
-
-
 def is_checkpoint_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints")) or os.path.basename(os.path.normpath(path)) == "checkpoints"
+    return os.path.isdir(checkpoint.checkpoints_dir(path))
 
 
 def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = None, step: int | None = None,
@@ -196,11 +187,9 @@ def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = Non
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such directory")
-    mesh = shd.make_mesh(devices=jax.devices()) if shard else shd.make_mesh(devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(devices=jax.devices()) if shard else sharding.make_mesh(devices=jax.devices()[:1])
     if is_checkpoint_dir(directory):
-        from btoks_jax.train import restore_model  # the trainer knows how a checkpoint was built
-
-        model, meta = restore_model(directory, step=step, mesh=mesh, merge=True)
+        model, meta = build.restore_model(directory, step=step, mesh=mesh, merge=True)
         cfg = model.config
         data = meta["config"]["data"]
         processor = Processor(load_tokenizer(meta.get("tokenizer_dir")),

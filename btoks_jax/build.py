@@ -2,7 +2,8 @@
 
 Sources of weights: a random init of a preset (tests, the embedded demo), a Hugging Face
 directory (Qwen2-VL weights, optionally with the authors' `<|btok_i|>` rows), or a btoks-jax
-checkpoint (restored by the trainer / exporter through `checkpoint.restore`).
+checkpoint (`restore_model`, rebuilt from the config stored with it). The trainer's resume restores
+into the same `abstract_train_state`.
 """
 
 from __future__ import annotations
@@ -14,15 +15,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from btoks_jax import sharding as shd
-from btoks_jax.btoks import BTOK_FIRST_ID, BToksModel
-from btoks_jax.config import PRESETS, Qwen2VLConfig, from_hf_config
-from btoks_jax.head import AttentionPoolingConfig
+from btoks_jax import checkpoint, sharding, train_step
+from btoks_jax.btoks import BToksModel
 from btoks_jax.convert.hf_import import load_hf_weights, path_str
-from btoks_jax.lora import LoRAConfig, apply_lora
+from btoks_jax.head import AttentionPoolingConfig
+from btoks_jax.lora import LoRAConfig, apply_lora, merge_lora
+from btoks_jax.model_config import BTOK_FIRST_ID, PRESETS, Qwen2VLConfig, from_hf_config
 
 
 def model_config(model_cfg: Mapping[str, Any]) -> Qwen2VLConfig:
@@ -69,6 +71,16 @@ def head_config(model_cfg: Mapping[str, Any]) -> AttentionPoolingConfig | None:
     return AttentionPoolingConfig(**spec)
 
 
+def lora_config(spec: Mapping[str, Any]) -> LoRAConfig | None:
+    """The adapters of a `lora` block (the config's, or the copy a checkpoint stores); None unless `enabled`."""
+    settings = dict(spec)
+    if not settings.pop("enabled", False):
+        return None
+    if "targets" in settings:
+        settings["targets"] = tuple(settings["targets"])
+    return LoRAConfig(**settings)
+
+
 def _create(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None, seed: int,
             btok_ids: list[int] | None = None, head: AttentionPoolingConfig | None = None) -> BToksModel:
     model = BToksModel(cfg, num_btoks, rngs=nnx.Rngs(seed), btok_ids=btok_ids, head=head)
@@ -90,7 +102,7 @@ def btok_ids_of(hf_dir: str | None, num_btoks: int) -> list[int] | None:
 
 def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None, hf_dir: str | None = None,
           btok_init: str = "im_end", seed: int = 0, mesh: Mesh | None = None,
-          rules: Mapping[str, Any] = shd.DEFAULT_RULES, progress: bool = True,
+          rules: Mapping[str, Any] = sharding.DEFAULT_RULES, progress: bool = True,
           head: AttentionPoolingConfig | None = None) -> BToksModel:
     """A concrete BToksModel whose parameters already live in their shardings (no full copy anywhere).
 
@@ -99,10 +111,10 @@ def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None,
     when the vocabulary needed no resizing). A directory whose tokenizer already has `<|btok_i|>`
     tokens always loads those rows.
     """
-    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
+    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
     ids = btok_ids_of(hf_dir, num_btoks)
     graphdef, abs_state = nnx.split(abstract(cfg, num_btoks, lora, ids, head))
-    shardings = shd.state_shardings(abs_state, mesh, rules)
+    shardings = sharding.state_shardings(abs_state, mesh, rules)
     if hf_dir is None:
         state = jax.jit(lambda: nnx.split(_create(cfg, num_btoks, lora, seed, None, head))[1],
                         out_shardings=shardings)()
@@ -121,6 +133,51 @@ def build(cfg: Qwen2VLConfig, *, num_btoks: int, lora: LoRAConfig | None = None,
         apply_lora(model.backbone, lora, rngs=nnx.Rngs(params=seed + 1, dropout=seed + 2))
     _, state = nnx.split(model)
     return nnx.merge(graphdef, jax.device_put(state, shardings))
+
+
+# ============================================================================== from a btoks-jax checkpoint
+
+
+def abstract_train_state(cfg: Qwen2VLConfig, num_btoks: int, lora: LoRAConfig | None, trainable: str, tx, mesh: Mesh,
+                         rules: Mapping[str, Any] = sharding.DEFAULT_RULES, btok_ids: list[int] | None = None,
+                         head: AttentionPoolingConfig | None = None):
+    """(graphdef, TrainState, frozen) as ShapeDtypeStructs in their shardings: what a checkpoint restores into."""
+    graphdef, params, frozen = train_step.split_model(abstract(cfg, num_btoks, lora, btok_ids, head), trainable)
+    p_sh = sharding.state_shardings(params, mesh, rules)
+    f_sh = sharding.state_shardings(frozen, mesh, rules)
+    replicated = sharding.replicated(mesh)
+    opt = jax.eval_shape(tx.init, params)
+    opt_sh = _opt_shardings(tx, opt, p_sh, replicated)
+    state = train_step.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                          params=checkpoint.abstract_like(params, p_sh),
+                          opt_state=checkpoint.abstract_like(opt, opt_sh),
+                          rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
+    return graphdef, state, checkpoint.abstract_like(frozen, f_sh)
+
+
+def _opt_shardings(tx, opt, param_shardings, replicated):
+    """Optimizer moments take their parameter's sharding; counters and the like are replicated."""
+    return optax.tree_map_params(tx, lambda _, s: s, opt, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+def restore_model(workdir: str, *, step: int | None = None, mesh: Mesh | None = None,
+                  merge: bool = False) -> tuple[BToksModel, dict[str, Any]]:
+    """(BToksModel, meta) of `step` (default: the latest) of a training workdir or its `checkpoints/`
+    folder, rebuilt from the config stored with it; `merge` folds LoRA adapters into the base weights."""
+    step, meta = checkpoint.read_meta(workdir, step)
+    mesh = mesh or sharding.make_mesh(devices=jax.devices()[:1])
+    cfg = from_hf_config(meta["model_config"], **meta["runtime"])
+    tx, _ = train_step.make_optimizer(total_steps=meta["total_steps"], **meta["optim"])
+    graphdef, abs_state, abs_frozen = abstract_train_state(
+        cfg, meta["num_btoks"], lora_config(meta["lora"]), meta["trainable"], tx, mesh,
+        btok_ids=meta.get("btok_ids"), head=head_config({"head": meta.get("head")}))
+    mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
+    _, state, frozen, _, _ = checkpoint.restore(mgr, step, abs_state, abs_frozen)
+    model = nnx.merge(graphdef, state.params, frozen)
+    if merge:
+        merge_lora(model.backbone)
+    return model, meta
 
 
 def param_count(tree) -> int:

@@ -9,7 +9,6 @@ leaves a half-written step behind as the latest.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,17 +24,19 @@ class CheckpointError(ValueError):
 
 def manager(workdir: str, *, max_to_keep: int = 3, save_every: int = 1, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
         create=not read_only, read_only=read_only)
-    return ocp.CheckpointManager(os.path.join(workdir, "checkpoints") if not _is_ckpt_root(workdir) else workdir,
-                                 options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=ITEMS)
 
 
-def _is_ckpt_root(path: str) -> bool:
-    return os.path.basename(os.path.normpath(path)) == "checkpoints"
+def checkpoints_dir(workdir: str) -> str:
+    """The folder the manager keeps a run's steps in: `workdir/checkpoints`, or `workdir` when it is that folder."""
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
+    if os.path.basename(os.path.normpath(workdir)) == "checkpoints":
+        return workdir
+    return os.path.join(workdir, "checkpoints")
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict, *,
@@ -52,13 +53,19 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state, abstract_frozen):
-    """(step, state, frozen, data_state, meta) of `step` (default: the latest)."""
+def _complete_step(mgr: ocp.CheckpointManager, step: int | None, where) -> int:
+    """`step`, or the latest when None, checked to be a complete checkpoint of `mgr`."""
     step = mgr.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"{mgr.directory}: no complete checkpoint")
+        raise CheckpointError(f"{where}: holds no complete checkpoint")
     if step not in mgr.all_steps():
-        raise CheckpointError(f"{mgr.directory}: no checkpoint for step {step} (have {sorted(mgr.all_steps())})")
+        raise CheckpointError(f"{where}: step {step} is missing or incomplete (have {sorted(mgr.all_steps())})")
+    return step
+
+
+def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state, abstract_frozen):
+    """(step, state, frozen, data_state, meta) of `step` (default: the latest)."""
+    step = _complete_step(mgr, step, mgr.directory)
     try:
         items = dict(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
                      meta=ocp.args.JsonRestore())
@@ -73,16 +80,13 @@ def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state, abstra
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
-    """The config stored with a checkpoint, without restoring any array."""
-    root = workdir if _is_ckpt_root(workdir) else os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(root):
+    """(step, the config stored with it) of `step` (default: the latest), without restoring any array."""
+    root = checkpoints_dir(workdir)
+    if "://" not in root and not os.path.isdir(root):
         raise CheckpointError(f"{workdir}: not a btoks-jax checkpoint directory (no checkpoints/ inside)")
     mgr = manager(workdir, read_only=True, async_save=False)
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"{root}: holds no complete checkpoint")
-    path = os.path.join(root, str(step), "meta", "metadata")
-    if not os.path.exists(path):
-        raise CheckpointError(f"{root}: step {step} is missing or incomplete (no meta item)")
-    with open(path) as f:
-        return step, json.load(f)
+    step = _complete_step(mgr, step, root)
+    try:
+        return step, mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except (KeyError, FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{root}: step {step} is missing or incomplete (no meta item): {e}") from e

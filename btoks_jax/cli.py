@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -16,8 +16,10 @@ def _train(argv: list[str]) -> int:
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
+    # sys_argv: the `--config.KEY=VALUE` overrides are found in these arguments, not in the process's sys.argv
+    # (they differ when `main` is called in-process).
     config_flags.DEFINE_config_file("config", None, "a configs/*.py file, optionally with ':arg'", flag_values=fv,
-                                    lock_config=False)
+                                    lock_config=False, sys_argv=["btoks train"] + argv)
     flags.DEFINE_string("workdir", None, "where checkpoints, metrics and TensorBoard logs go", flag_values=fv)
     try:
         fv(["btoks train"] + argv)
@@ -34,45 +36,31 @@ def _train(argv: list[str]) -> int:
 
 
 def _read_embed_rows(path: str):
-    """JSONL rows {text, image?, video?, instruction?} -> Items; media paths relative to the file."""
+    """JSONL rows {text, image?, video?, instruction?, id?} -> Items; media paths relative to the file. A video is a
+    folder of frames or a list of frame paths. Read with the MMEB readers' field readers and error format."""
+    from btoks_jax.data.media import RowError, image_path, iter_records, string_field, video_frames
     from btoks_jax.evaluate.mmeb import Item
 
-    base = os.path.dirname(os.path.abspath(path))
+    file = Path(path)
+    base = file.resolve().parent
     items = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {n}: not valid JSON ({e})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: row {n}: expected a JSON object")
-            unknown = set(row) - {"text", "image", "video", "instruction", "id"}
-            if unknown:
-                raise ValueError(f"{path}: row {n}: unknown field(s) {sorted(unknown)}")
-            text, inst = row.get("text", ""), row.get("instruction", "")
-            if not isinstance(text, str) or not isinstance(inst, str):
-                raise ValueError(f"{path}: row {n}: field 'text'/'instruction' must be a string")
-            image = row.get("image") or None
-            if image is not None:
-                if not isinstance(image, str):
-                    raise ValueError(f"{path}: row {n}: field 'image' must be a path string")
-                image = os.path.join(base, image)
-                if not os.path.exists(image):
-                    raise ValueError(f"{path}: row {n}: field 'image': file not found: {image}")
-            video = row.get("video") or None
-            if video is not None:
-                if not isinstance(video, list) or not all(isinstance(v, str) for v in video) or len(video) < 1:
-                    raise ValueError(f"{path}: row {n}: field 'video' must be a non-empty list of frame paths")
-                video = tuple(os.path.join(base, v) for v in video)
-                missing = [v for v in video if not os.path.exists(v)]
-                if missing:
-                    raise ValueError(f"{path}: row {n}: field 'video': frame not found: {missing[0]}")
-            if not text and not inst and image is None and video is None:
-                raise ValueError(f"{path}: row {n}: empty input (no text, instruction, image or video)")
-            items.append(Item(text=text, image=image, video=video, instruction=inst))
+    for n, row in iter_records(file):
+        source = f"{path}: row {n}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: expected a JSON object")
+        unknown = set(row) - {"text", "image", "video", "instruction", "id"}
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}")
+        try:
+            text = string_field(row, "text", required=False)
+            inst = string_field(row, "instruction", required=False)
+            image = image_path(string_field(row, "image", required=False) or None, base, "image")
+            video = video_frames(row.get("video"), base, "video")
+        except RowError as err:
+            raise err.at(source) from None
+        if not text and not inst and image is None and video is None:
+            raise ValueError(f"{source}: empty input (no text, instruction, image or video)")
+        items.append(Item(text=text, image=image, video=video, instruction=inst))
     if not items:
         raise ValueError(f"{path}: no rows")
     return items
@@ -191,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         return _train(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "out", None) == "" and args.command == "data":
-        from btoks_jax.config_base import default_data_dir
+        from btoks_jax.train_config import default_data_dir
 
         args.out = default_data_dir()
     try:

@@ -1,21 +1,40 @@
-"""Model inputs with static shapes, and their construction from Hugging Face processor outputs.
+"""Model inputs with static shapes: built from Hugging Face processor outputs, and packed as `[Q | B | T]`.
 
 Hugging Face concatenates the patches of every image in a batch into one array and scatters the
 merged features over all pad tokens of the batch in row-major order. Here each sample carries its
 own patches, padded to a patch budget, so the batch dimension can be sharded; `pack_hf_inputs`
 does that re-packing on the host and is exactly equivalent.
+
+`pack` lays out a batch for the BToks model, on the host, for training and inference alike: the
+inputs left-padded into a static query region Q, the K bottleneck tokens B right after the last
+real token (so they always sit in the same K columns; their M-RoPE positions continue from the last
+real token, padding being invisible to attention and to positions), and an optional target region
+T with the labels of the generative objective.
+
+Legend: B batch, L = query_len + K + target_len, K bottleneck tokens, Lt target_len.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.struct
 import jax
 import numpy as np
 
-from btoks_jax.config import Qwen2VLConfig
+from btoks_jax.mask import Layout
+from btoks_jax.model_config import (
+    BTOK_FIRST_ID,
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IMAGE_PAD_ID,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    Qwen2VLConfig,
+)
 from btoks_jax.rope_index import get_rope_index
 
 
@@ -159,3 +178,133 @@ def pack_hf_inputs(hf: Mapping[str, Any], config: Qwen2VLConfig, *, rope_convent
         patch_positions=patch_positions,
         patch_segment_ids=patch_segment_ids,
     )
+
+
+# ----------------------------------------------------------------------------- the [Q | B | T] packing (host side)
+
+
+UNSCORED_IDS = (ENDOFTEXT_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_START_ID, VISION_END_ID)
+
+
+def btok_token_ids(num_btoks: int, vocab_size: int) -> list[int]:
+    """Ids carried in the BTok columns. Their embeddings are replaced by the BTok parameters, so the
+    ids only matter for an exported checkpoint, where they are the `<|btok_i|>` vocabulary rows."""
+    return [BTOK_FIRST_ID + i if BTOK_FIRST_ID + i < vocab_size else IM_END_ID for i in range(num_btoks)]
+
+
+def encode_target(tokenizer, text: str, max_len: int | None = None) -> tuple[list[int], int]:
+    """`<|im_start|>assistant\\n` + text + `<|im_end|>`, each piece tokenised separately (as the
+    authors do). Returns (ids, prefix length); the text is truncated to fit `max_len`."""
+    prefix = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    body = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if max_len is not None:
+        room = max_len - len(prefix) - 1
+        if room < 0:
+            raise ValueError(f"target budget {max_len} cannot hold the {len(prefix) + 1} wrapper tokens")
+        body = body[:room]
+    return prefix + body + [IM_END_ID], len(prefix)
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """A packed `[Q | B | T]` batch and its generative labels.
+
+    labels      int32[B, Lt]  the token each target-region position predicts (next token)
+    label_mask  bool[B, Lt]   which of those predictions are scored
+    """
+
+    inputs: ModelInputs
+    layout: Layout
+    labels: np.ndarray
+    label_mask: np.ndarray
+
+
+def _left_align(hf: Mapping[str, Any], width: int) -> dict[str, np.ndarray]:
+    """Re-pads token arrays on the left to `width` columns, whatever side the processor padded."""
+    ids = np.asarray(hf["input_ids"])
+    mask = np.asarray(hf.get("attention_mask", np.ones_like(ids)))
+    types = hf.get("mm_token_type_ids")
+    out_ids = np.full((ids.shape[0], width), ENDOFTEXT_ID, ids.dtype)
+    out_mask = np.zeros((ids.shape[0], width), mask.dtype)
+    out_types = np.zeros((ids.shape[0], width), np.int64)
+    for i in range(ids.shape[0]):
+        real = mask[i].astype(bool)
+        n = int(real.sum())
+        if n > width:
+            raise ValueError(f"sample {i}: {n} input tokens exceed the query budget of {width}")
+        out_ids[i, width - n:] = ids[i][real]
+        out_mask[i, width - n:] = 1
+        if types is not None:
+            out_types[i, width - n:] = np.asarray(types)[i][real]
+    return {"input_ids": out_ids, "attention_mask": out_mask,
+            "mm_token_type_ids": out_types if types is not None else None}
+
+
+def pack(hf: Mapping[str, Any], config: Qwen2VLConfig, *, num_btoks: int, query_len: int | None = None,
+         targets: Sequence[tuple[Sequence[int], int] | None] | None = None, target_len: int = 0,
+         rope_convention: str = "mm_token_type_ids", patch_budget: int | None = None) -> PackedBatch:
+    """Packs processor outputs (either padding side) into a static `[Q | B | T]` batch.
+
+    `targets[i]` is (token ids, prefix length) from `encode_target`, or None for a sample that does
+    not generate. Target positions are the target's own positions plus the number of real tokens
+    in `[Q ; B]`, as if the target followed the whole input.
+    """
+    ids = np.asarray(hf["input_ids"])
+    width = query_len or int(np.asarray(hf.get("attention_mask", np.ones_like(ids))).sum(-1).max())
+    q = _left_align(hf, width)
+    b = ids.shape[0]
+    btok_ids = np.array(btok_token_ids(num_btoks, config.text_config.vocab_size), np.int64)
+    qb = {
+        "input_ids": np.concatenate([q["input_ids"], np.broadcast_to(btok_ids, (b, num_btoks))], 1),
+        "attention_mask": np.concatenate([q["attention_mask"], np.ones((b, num_btoks), np.int64)], 1),
+    }
+    types = q["mm_token_type_ids"]
+    if types is None:
+        types = mm_token_type_ids_from_ids(q["input_ids"], config)
+    qb["mm_token_type_ids"] = np.concatenate([types, np.zeros((b, num_btoks), np.int64)], 1)
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        qb[key] = hf.get(key)
+    positions = None
+    if hf.get("image_grid_thw") is None and hf.get("video_grid_thw") is None:
+        # Text only: transformers would count left padding into the positions; RoPE is relative, but
+        # counting only real tokens makes the packed batch independent of its padding, bit for bit.
+        real = qb["attention_mask"]
+        positions = np.broadcast_to(np.maximum(np.cumsum(real, -1) - 1, 0) * real, (3, b, real.shape[1]))
+    inputs = pack_hf_inputs(qb, config, rope_convention=rope_convention, patch_budget=patch_budget,
+                            positions=positions)
+    layout = Layout(width, num_btoks, target_len)
+    labels = np.zeros((b, target_len), np.int32)
+    label_mask = np.zeros((b, target_len), bool)
+    if not target_len:
+        return PackedBatch(inputs, layout, labels, label_mask)
+
+    t_ids = np.full((b, target_len), ENDOFTEXT_ID, np.int32)
+    t_seg = np.zeros((b, target_len), np.int32)
+    offsets = qb["attention_mask"].sum(-1)  # real tokens in [Q ; B]
+    for i, target in enumerate(targets or [None] * b):
+        if target is None:
+            continue
+        tokens, prefix_len = target
+        n = len(tokens)
+        if n > target_len:
+            raise ValueError(f"sample {i}: target of {n} tokens exceeds the target budget {target_len}")
+        t_ids[i, :n] = tokens
+        t_seg[i, :n] = 1
+        nxt = np.asarray(tokens[1:], np.int32)
+        labels[i, : n - 1] = nxt
+        scored = np.arange(1, n) >= prefix_len  # the wrapper prefix is fed but never predicted
+        scored &= ~np.isin(nxt, UNSCORED_IDS)
+        label_mask[i, : n - 1] = scored
+    # Text-only target: its own positions are 0..n-1 on every M-RoPE axis.
+    t_pos = np.arange(target_len)[None, :] + offsets[:, None]
+    positions = np.concatenate([inputs.positions, np.broadcast_to(t_pos, (3, b, target_len))], axis=2)
+    inputs = ModelInputs(
+        input_ids=np.concatenate([inputs.input_ids, t_ids], 1),
+        positions=positions.astype(np.int32),
+        segment_ids=np.concatenate([inputs.segment_ids, t_seg], 1),
+        vision_index=np.concatenate([inputs.vision_index, np.full((b, target_len), -1, np.int32)], 1),
+        pixel_values=inputs.pixel_values,
+        patch_positions=inputs.patch_positions,
+        patch_segment_ids=inputs.patch_segment_ids,
+    )
+    return PackedBatch(inputs, layout, labels, label_mask)

@@ -34,7 +34,8 @@ class LoRAConfig:
     dora: bool = False
     targets: tuple[str, ...] = DEFAULT_TARGETS
     # How A starts (B is always 0, so the adapted layer starts as the base): "gaussian", N(0, 1/rank^2), what the
-    # authors' PEFT config asks for (init_lora_weights="gaussian"); "kaiming", PEFT's default kaiming-uniform(a=sqrt(5)).
+    # authors' PEFT config asks for (init_lora_weights="gaussian"); "kaiming", PEFT's default
+    # kaiming-uniform(a=sqrt(5)).
     init: str = "gaussian"
 
     def __post_init__(self):

@@ -89,11 +89,10 @@ def info_nce(query: jax.Array, positive: jax.Array, *, temperature: float = 0.02
     return loss
 
 
-def ntp_weight(step: jax.Array | int, *, weight: float = 5.0, until_step: int | None = None) -> jax.Array:
-    """lambda(step): `weight` while step < until_step (None: the whole run), then 0."""
-    if until_step is None:
-        return jnp.asarray(weight, jnp.float32)
-    return jnp.where(jnp.asarray(step) < until_step, weight, 0.0).astype(jnp.float32)
+def ntp_weight(step: int, *, weight: float = 5.0, until_step: int | None = None) -> float:
+    """lambda(step): `weight` while step < until_step (None: the whole run), then 0. A host-side schedule:
+    `train_step.config_at` turns it into the step program to run, so a compiled step holds a constant lambda."""
+    return float(weight) if until_step is None or step < until_step else 0.0
 
 
 def _normalise(x: jax.Array) -> jax.Array:

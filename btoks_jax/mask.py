@@ -72,11 +72,6 @@ def static_mask(layout: Layout, mode: str = "condensation") -> np.ndarray:
     return allowed & np.tri(layout.length, dtype=bool)
 
 
-def dense_bias(layout: Layout, mode: str = "condensation", dtype=np.float32) -> np.ndarray:
-    """Additive attention bias float[L, L]: 0 where allowed, the dtype's minimum elsewhere."""
-    return np.where(static_mask(layout, mode), 0, np.finfo(dtype).min).astype(dtype)
-
-
 def block_skip_fraction(layout: Layout, mode: str = "condensation", block_q: int = 512, block_kv: int = 512) -> float:
     """Fraction of (block_q x block_kv) tiles with nothing to attend, which the splash kernel skips.
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 import numpy as np
 
-from btoks_jax.config import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_START_ID
+from btoks_jax.model_config import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_START_ID
 
 Convention = Literal["mm_token_type_ids", "legacy"]
 

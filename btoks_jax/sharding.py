@@ -1,8 +1,9 @@
 """Device mesh, the logical-axis rules table, and the shardings derived from it.
 
 Parameters carry logical axis names (set once, in the model files). One rules table maps them to
-the mesh axes `data`, `fsdp` and `tensor`; nothing inside a layer names a mesh axis. A dimension
-that a mesh axis does not divide stays replicated along that axis instead of failing.
+the mesh axes `data`, `fsdp` and `tensor`; nothing inside a layer names a mesh axis or builds a
+PartitionSpec. A logical name the rules do not know, and a dimension that the mesh axes it maps to
+do not divide, are errors: nothing is replicated by accident.
 """
 
 from __future__ import annotations
@@ -72,38 +73,67 @@ def _axis_size(mesh: Mesh, axis) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Any] = DEFAULT_RULES) -> PartitionSpec:
-    """PartitionSpec for an array with logical axes; indivisible or reused mesh axes are dropped."""
+def _mesh_axes(name: str, mesh, rules: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """The mesh axes `rules` map logical axis `name` to, of those `mesh` has."""
+    if name not in rules:
+        raise ValueError(f"{where}: unknown logical axis name {name!r}; the sharding rules know "
+                         f"{', '.join(sorted(rules))}")
+    axis = rules[name]
+    names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    return tuple(n for n in names if n in mesh.shape)
+
+
+def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh, rules: Mapping[str, Any] = DEFAULT_RULES,
+                    *, where: str = "array") -> PartitionSpec:
+    """PartitionSpec for an array of `shape` with one logical axis name (or None) per dimension.
+
+    Each name maps through `rules` to mesh axes; an axis an earlier dimension already uses, or one the mesh
+    lacks, is left out (one of size 1 stays named: it splits nothing). A name the rules do not know, or a
+    dimension the mesh axes do not divide, raises ValueError naming `where` (e.g. the parameter's path).
+    """
+    if len(logical) != len(shape):
+        raise ValueError(f"{where}: {len(logical)} logical axes {tuple(logical)} for shape {tuple(shape)}")
     used: set[str] = set()
     spec = []
     for name, dim in zip(logical, shape):
-        axis = rules.get(name) if name is not None else None
-        names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-        names = tuple(n for n in names if n in mesh.shape and n not in used and mesh.shape[n] > 1)
-        if names and dim % _axis_size(mesh, names) == 0:
-            used.update(names)
-            spec.append(names[0] if len(names) == 1 else names)
-        else:
-            spec.append(None)
+        names = () if name is None else tuple(n for n in _mesh_axes(name, mesh, rules, where) if n not in used)
+        if dim % _axis_size(mesh, names):
+            raise ValueError(f"{where} of shape {tuple(shape)}: dimension {dim} (logical axis {name!r}) does not "
+                             f"divide over mesh axes {names} of sizes {tuple(mesh.shape[n] for n in names)}")
+        used.update(names)
+        spec.append(None if not names else names[0] if len(names) == 1 else names)
     return PartitionSpec(*spec)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
     """NamedShardings from each variable's `sharding_names` metadata, in a tree shaped like `state`."""
 
-    def one(var):
+    def one(path, var):
         logical = var.get_metadata().get("out_sharding")
-        spec = logical_to_spec(logical, var.value.shape, mesh, rules) if logical else PartitionSpec()
+        where = jax.tree_util.keystr(path, simple=True, separator=".")
+        spec = logical_to_spec(logical, var.value.shape, mesh, rules, where=where) if logical else PartitionSpec()
         return var.replace(value=NamedSharding(mesh, spec))
 
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    spec = [None] * ndim
-    spec[batch_axis] = ("data", "fsdp")
-    return NamedSharding(mesh, PartitionSpec(*spec))
+def batch_shardings(tree, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
+    """NamedShardings for a tree of batch arrays (model inputs, labels): each split on its batch axis by the
+    "batch" rule, the rest replicated. The batch axis is 0, except for `positions` int[3, B, T] (the M-RoPE
+    streams first), where it is 1."""
+
+    def one(path, x):
+        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
+        logical = tuple("batch" if i == axis else None for i in range(x.ndim))
+        where = jax.tree_util.keystr(path, simple=True, separator=".") or "batch"
+        return NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, rules, where=where))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The whole array on every device of `mesh` (step counters, RNG keys, outputs every process reads)."""
+    return NamedSharding(mesh, PartitionSpec())
 
 
 # ----------------------------------------------------------------------------- activation constraints
@@ -128,4 +158,43 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if ctx is None:
         return x
     mesh, rules = ctx
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, rules)))
+    spec = logical_to_spec(logical, x.shape, mesh, rules, where=f"activation {tuple(logical)}")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ----------------------------------------------------------------------------- per-shard code (shard_map)
+
+
+def _current() -> tuple[Any, Mapping[str, Any]]:
+    """The mesh `jax.set_mesh` made current (empty outside one) and the rules of the enclosing
+    `activation_sharding` (the default rules outside one)."""
+    ctx = _CONTEXT.get()
+    return jax.sharding.get_abstract_mesh(), DEFAULT_RULES if ctx is None else ctx[1]
+
+
+def current_shards(name: str) -> int:
+    """How many shards the current mesh and rules split logical axis `name` into (1 outside a mesh)."""
+    mesh, rules = _current()
+    return 1 if mesh.empty else _axis_size(mesh, _mesh_axes(name, mesh, rules, where="current mesh"))
+
+
+def current_spec(logical: Sequence[str | None], shape: Sequence[int], *, where: str = "array") -> PartitionSpec | None:
+    """`logical_to_spec` on the current mesh and rules, for code that names its shards itself (a `shard_map`
+    inside `jit`, under `jax.set_mesh`); None outside a mesh."""
+    mesh, rules = _current()
+    return None if mesh.empty else logical_to_spec(logical, shape, mesh, rules, where=where)
+
+
+def reshard_explicit(x: jax.Array, spec: PartitionSpec) -> jax.Array:
+    """`x` resharded to `spec` on the current mesh's Explicit axes (shard_map requires an exact match
+    there); Auto axes are left to shard_map and the compiler."""
+    mesh = jax.sharding.get_abstract_mesh()
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == AxisType.Explicit}
+    if not explicit:
+        return x
+
+    def keep(entry):
+        names = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a in explicit)
+        return names or None
+
+    return jax.reshard(x, PartitionSpec(*(keep(entry) for entry in spec)))

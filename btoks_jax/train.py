@@ -7,7 +7,6 @@ data, the jitted update step, checkpoints, evaluation hooks, and the loop itself
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,17 +15,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
 
-from btoks_jax import build, checkpoint
-from btoks_jax import sharding as shd
-from btoks_jax import train_step as TS
-from btoks_jax.config import Qwen2VLConfig, from_hf_config
-from btoks_jax.lora import LoRAConfig, merge_lora
+from btoks_jax import build, checkpoint, sharding, train_step
+from btoks_jax.lora import LoRAConfig
 from btoks_jax.mask import block_skip_fraction
+from btoks_jax.model_config import Qwen2VLConfig
 
 log = logging.getLogger("btoks.train")
 
@@ -39,16 +35,11 @@ def _to_dict(cfg) -> dict:
 
 
 def lora_config(config) -> LoRAConfig | None:
-    lc = _to_dict(config.lora)
-    if not lc.pop("enabled", False):
-        return None
-    if "targets" in lc:
-        lc["targets"] = tuple(lc["targets"])
-    return LoRAConfig(**lc)
+    return build.lora_config(_to_dict(config.lora))
 
 
-def step_config(config) -> TS.StepConfig:
-    return TS.StepConfig(**_to_dict(config.step))
+def step_config(config) -> train_step.StepConfig:
+    return train_step.StepConfig(**_to_dict(config.step))
 
 
 def pipeline_config(config):
@@ -61,15 +52,15 @@ def pipeline_config(config):
 
 
 def optimizer(config):
-    return TS.make_optimizer(total_steps=config.total_steps, **_to_dict(config.optim))
+    return train_step.make_optimizer(total_steps=config.total_steps, **_to_dict(config.optim))
 
 
-def run_meta(config, mcfg: Qwen2VLConfig) -> dict[str, Any]:
+def run_meta(config, model_cfg: Qwen2VLConfig) -> dict[str, Any]:
     """What a checkpoint must know to be rebuilt without the config file."""
     return {
-        "model_config": mcfg.to_hf_dict(),
-        "runtime": {"dtype": mcfg.dtype, "param_dtype": mcfg.param_dtype, "attention_impl": mcfg.attention_impl,
-                    "remat": mcfg.remat},
+        "model_config": model_cfg.to_hf_dict(),
+        "runtime": {"dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+                    "attention_impl": model_cfg.attention_impl, "remat": model_cfg.remat},
         "num_btoks": config.data.num_btoks,
         # The vocabulary rows the BToks tie to (a Hugging Face directory's `<|btok_i|>` ids; None: the default).
         "btok_ids": build.btok_ids_of(config.model.get("hf_dir") or None, config.data.num_btoks),
@@ -115,53 +106,6 @@ def enable_compilation_cache(config) -> str | None:
     return path
 
 
-# ============================================================================== restore for inference / export
-
-
-def _abstract_state(mcfg, num_btoks, lora, mode, tx, mesh, rules=shd.DEFAULT_RULES, btok_ids=None, head=None):
-    graphdef, params, frozen = TS.split_model(build.abstract(mcfg, num_btoks, lora, btok_ids, head), mode)
-    p_sh = shd.state_shardings(params, mesh, rules)
-    f_sh = shd.state_shardings(frozen, mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt = jax.eval_shape(tx.init, params)
-    opt_sh = _opt_shardings(tx, opt, p_sh, replicated)
-    state = TS.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                          params=checkpoint.abstract_like(params, p_sh),
-                          opt_state=checkpoint.abstract_like(opt, opt_sh),
-                          rng=jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated))
-    return graphdef, state, checkpoint.abstract_like(frozen, f_sh)
-
-
-def _opt_shardings(tx, opt, param_shardings, replicated):
-    """Optimizer moments take their parameter's sharding; counters and the like are replicated."""
-    import optax
-
-    return optax.tree_map_params(tx, lambda _, s: s, opt, param_shardings,
-                                 transform_non_params=lambda _: replicated)
-
-
-def restore_model(workdir: str, *, step: int | None = None, mesh=None, merge: bool = False):
-    """(BToksModel, meta) from a checkpoint; `merge` folds LoRA adapters into the base weights."""
-    step, meta = checkpoint.read_meta(workdir, step)
-    mesh = mesh or shd.make_mesh(devices=jax.devices()[:1])
-    mcfg = from_hf_config(meta["model_config"], **meta["runtime"])
-    lc = dict(meta["lora"])
-    lora = None
-    if lc.pop("enabled", False):
-        lc["targets"] = tuple(lc.get("targets", ()))
-        lora = LoRAConfig(**lc)
-    tx, _ = TS.make_optimizer(total_steps=meta["total_steps"], **meta["optim"])
-    graphdef, abs_state, abs_frozen = _abstract_state(mcfg, meta["num_btoks"], lora, meta["trainable"], tx, mesh,
-                                                      btok_ids=meta.get("btok_ids"),
-                                                      head=build.head_config({"head": meta.get("head")}))
-    mgr = checkpoint.manager(workdir, read_only=True, async_save=False)
-    _, state, frozen, _, _ = checkpoint.restore(mgr, step, abs_state, abs_frozen)
-    model = nnx.merge(graphdef, state.params, frozen)
-    if merge:
-        merge_lora(model.backbone)
-    return model, meta
-
-
 # ============================================================================== the training run
 
 
@@ -205,11 +149,11 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _device_batch(tb, shardings_fn, mesh):
+def _device_batch(tb, mesh, rules=sharding.DEFAULT_RULES):
     """Process-local NumPy rows -> global sharded arrays (each process contributes its slice)."""
     batch = {side: {"inputs": getattr(tb, side).inputs, "labels": getattr(tb, side).labels,
                     "label_mask": getattr(tb, side).label_mask} for side in ("query", "positive")}
-    shardings = TS.batch_shardings(batch, mesh)
+    shardings = sharding.batch_shardings(batch, mesh, rules)
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)), batch, shardings)
 
 
@@ -229,42 +173,50 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cache_dir = enable_compilation_cache(config)
     if is_main and cache_dir:
         log.info("persistent compilation cache: %s", cache_dir)
-    mesh = shd.make_mesh(**_to_dict(config.mesh))
-    rules = shd.RULE_SETS[config.get("sharding_rules", "default")]
+    mesh = sharding.make_mesh(**_to_dict(config.mesh))
+    rules = sharding.RULE_SETS[config.get("sharding_rules", "default")]
     if is_main:
         os.makedirs(workdir, exist_ok=True)
         log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
 
     # ---------------------------------------------------------------- model shapes, optimizer
-    mcfg = build.model_config(_to_dict(config.model))
+    model_cfg = build.model_config(_to_dict(config.model))
     lora = lora_config(config)
-    scfg = step_config(config)
+    step_cfg = step_config(config)
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    chunk = step_cfg.chunk_size or config.data.global_batch_size
+    if config.data.global_batch_size % chunk or chunk % batch_shards:
+        raise ValueError(f"config.step.chunk_size={step_cfg.chunk_size} must divide data.global_batch_size="
+                         f"{config.data.global_batch_size} and be a multiple of the data x fsdp = {batch_shards} "
+                         "devices that split each chunk")
     tx, schedule = optimizer(config)
-    meta = run_meta(config, mcfg)
+    meta = run_meta(config, model_cfg)
     mgr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep, save_every=1,
                              async_save=config.checkpoint.get("async_save", True))
 
     # ---------------------------------------------------------------- model: resume, import or init
     data_state = None
     if mgr.latest_step() is not None:
-        graphdef, abs_state, abs_frozen = _abstract_state(mcfg, config.data.num_btoks, lora, scfg.trainable, tx,
-                                                          mesh, rules, btok_ids=meta["btok_ids"],
-                                                          head=build.head_config(config.model))
+        graphdef, abs_state, abs_frozen = build.abstract_train_state(model_cfg, config.data.num_btoks, lora,
+                                                                     step_cfg.trainable, tx, mesh, rules,
+                                                                     btok_ids=meta["btok_ids"],
+                                                                     head=build.head_config(config.model))
         start, state, frozen, data_state, saved_meta = checkpoint.restore(mgr, None, abs_state, abs_frozen)
         if saved_meta.get("model_config") != meta["model_config"]:
             raise checkpoint.CheckpointError(f"{workdir}: the checkpoint was written for another model config")
         if is_main:
             log.info("resumed from step %d", start)
     else:
-        model = build.build(mcfg, num_btoks=config.data.num_btoks, lora=lora, hf_dir=config.model.get("hf_dir") or None,
+        model = build.build(model_cfg, num_btoks=config.data.num_btoks, lora=lora,
+                            hf_dir=config.model.get("hf_dir") or None,
                             btok_init=config.model.get("btok_init", "im_end"), seed=config.seed, mesh=mesh,
                             rules=rules, progress=is_main, head=build.head_config(config.model))
-        graphdef, params, frozen = TS.split_model(model, scfg.trainable)
-        state = TS.init_state(params, tx, config.seed)
+        graphdef, params, frozen = train_step.split_model(model, step_cfg.trainable)
+        state = train_step.init_state(params, tx, config.seed)
         start = 0
     n_train = build.param_count(state.params)
     if is_main:
-        log.info("trainable parameters: %s (mode %s), frozen: %s", f"{n_train:,}", scfg.trainable,
+        log.info("trainable parameters: %s (mode %s), frozen: %s", f"{n_train:,}", step_cfg.trainable,
                  f"{build.param_count(frozen):,}")
 
     # ---------------------------------------------------------------- data
@@ -272,7 +224,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     prepare_data(config)
     datasets = [DatasetSpec(**d) for d in _to_dict(config.data)["datasets"]]
     pipeline_cfg = pipeline_config(config)
-    data = TrainBatchIterator(datasets, pipeline_cfg, mcfg, tokenizer, process_index=jax.process_index(),
+    data = TrainBatchIterator(datasets, pipeline_cfg, model_cfg, tokenizer, process_index=jax.process_index(),
                               process_count=jax.process_count())
     if data_state is not None:
         data.set_state(data_state)
@@ -281,17 +233,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- update step (one jit per layout pair)
     compiled: dict[Any, Any] = {}
-    objectives = 2 if scfg.objective == "joint" and scfg.ntp_until_step is not None else 1
+    objectives = 2 if step_cfg.objective == "joint" and step_cfg.ntp_until_step is not None else 1
     most_programs = side_shapes(pipeline_cfg) ** 2 * objectives
     if is_main:
         log.info("at most %d step programs: %d shapes per side (query buckets x {patches, none} x {target "
                  "regions, none}), squared, x %d objective(s)", most_programs, side_shapes(pipeline_cfg), objectives)
 
     def step_fn(batch, layouts, step):
-        cfg = scfg
-        if scfg.objective == "joint" and scfg.ntp_until_step is not None and step >= scfg.ntp_until_step:
-            # lambda is 0 from here on: the same gradients without computing the vocabulary logits.
-            cfg = dataclasses.replace(scfg, objective="contrastive")
+        cfg = train_step.config_at(step_cfg, step)  # the lambda schedule picks the program
         patches = tuple(batch[side]["inputs"].pixel_values.shape[1] for side in ("query", "positive"))
         key = (layouts, patches, cfg.objective)
         if key not in compiled:
@@ -300,17 +249,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                          len(compiled) + 1, most_programs, layouts, patches, cfg.objective)
                 for side, lay in zip(("query", "positive"), layouts):
                     log.info("%s layout %s: the %s mask leaves %.1f%% of 512x512 attention tiles for the splash "
-                             "kernel to skip (causal alone: %.1f%%)", side, lay, scfg.mask_mode,
-                             100 * block_skip_fraction(lay, scfg.mask_mode), 100 * block_skip_fraction(lay, "full"))
-            compiled[key] = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx,
+                             "kernel to skip (causal alone: %.1f%%)", side, lay, step_cfg.mask_mode,
+                             100 * block_skip_fraction(lay, step_cfg.mask_mode), 100 * block_skip_fraction(lay, "full"))
+            compiled[key] = train_step.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx,
                                             schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
         return compiled[key]
 
     # ---------------------------------------------------------------- evaluation hooks
     from btoks_jax.evaluate.hooks import make_hooks
 
-    hooks = make_hooks(config.get("evals", []), workdir=workdir, tokenizer=tokenizer, mcfg=mcfg, meta=meta,
-                       mesh=mesh)
+    hooks = make_hooks(config.get("evals", []), tokenizer=tokenizer, meta=meta, mesh=mesh)
 
     # ---------------------------------------------------------------- loop
     writer = None
@@ -332,8 +280,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             layouts = (tb.query.layout, tb.positive.layout)
             tokens += int(tb.query.inputs.segment_ids.sum() + tb.positive.inputs.segment_ids.sum()) \
                 * jax.process_count()
-            batch = _device_batch(tb, None, mesh)
-            with shd.activation_sharding(mesh, rules):
+            batch = _device_batch(tb, mesh, rules)
+            # set_mesh: the splash kernel runs per shard (shard_map), as the ahead-of-time compile lowers it.
+            with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
                 state, metrics = step_fn(batch, layouts, step)(state, frozen, batch)
             step += 1
             if step % config.log_every == 0 or step == total:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from btoks_jax import losses
+from btoks_jax import losses, sharding
 from btoks_jax.btoks import BTokParam
 from btoks_jax.head import HeadParam
 from btoks_jax.lora import LoRAParam
@@ -37,7 +37,7 @@ class StepConfig:
     objective: str = "joint"
     temperature: float = 0.02
     ntp_weight: float = 5.0
-    ntp_until_step: int | None = None  # None: lambda applies for the whole run
+    ntp_until_step: int | None = None  # None: lambda applies for the whole run (applied by `config_at`)
     ntp_reduction: str = "sample_mean"
     ntp_chunk_size: int = 8  # group size of the "chunk_token_mean" reduction
     chunk_size: int = 0  # GradCache / accumulation chunk; 0 = the whole batch in one pass
@@ -49,6 +49,15 @@ class StepConfig:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+
+
+def config_at(cfg: StepConfig, step: int) -> StepConfig:
+    """The lambda schedule, on the host: the step program that trains step `step`. A joint run turns
+    contrastive once lambda drops to 0 (`ntp_until_step`): the same gradients, without the vocabulary logits."""
+    if cfg.objective == "joint" and losses.ntp_weight(step, weight=cfg.ntp_weight,
+                                                      until_step=cfg.ntp_until_step) == 0.0:
+        return dataclasses.replace(cfg, objective="contrastive")
+    return cfg
 
 
 def trainable_filter(mode: str):
@@ -102,12 +111,9 @@ def _ntp_sum(logits, side, weights):
     return jnp.sum(weights * losses.token_nll(logits, side["labels"]))
 
 
-def _lambda(cfg: StepConfig, step):
-    if cfg.objective == "contrastive":
-        return jnp.float32(0.0)
-    if cfg.objective == "gic":
-        return jnp.float32(1.0)
-    return losses.ntp_weight(step, weight=cfg.ntp_weight, until_step=cfg.ntp_until_step)
+def _lambda(cfg: StepConfig) -> jax.Array:
+    """A compiled step's constant lambda; its schedule over steps is `config_at`'s choice of program."""
+    return jnp.float32({"contrastive": 0.0, "gic": 1.0, "joint": cfg.ntp_weight}[cfg.objective])
 
 
 def _chunk(tree, i, n):
@@ -121,12 +127,12 @@ def _chunk(tree, i, n):
     return jax.tree_util.tree_map_with_path(take, tree)
 
 
-def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layout], step, key, cfg: StepConfig):
+def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layout], key, cfg: StepConfig):
     """(loss, metrics, grads) of one global batch; exact whatever the chunking."""
     q_layout, p_layout = layouts
     need_ntp = cfg.objective != "contrastive"
     need_nce = cfg.objective != "gic"
-    lam = _lambda(cfg, step)
+    lam = _lambda(cfg)
     w_q, w_p = losses.ntp_token_weights([batch["query"]["label_mask"], batch["positive"]["label_mask"]],
                                         reduction=cfg.ntp_reduction, chunk_size=cfg.ntp_chunk_size)
     b = batch["query"]["labels"].shape[0]
@@ -230,7 +236,7 @@ def make_optimizer(*, learning_rate: float = 5e-5, warmup_steps: int = 100, tota
 def train_step(state: TrainState, frozen, batch, *, graphdef, layouts, cfg: StepConfig, tx, schedule: Callable):
     """One optimizer step. Returns (new state, metrics)."""
     key = jax.random.fold_in(state.rng, state.step)
-    _, metrics, grads = loss_and_grads(graphdef, state.params, frozen, batch, layouts, state.step, key, cfg)
+    _, metrics, grads = loss_and_grads(graphdef, state.params, frozen, batch, layouts, key, cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
@@ -240,24 +246,13 @@ def train_step(state: TrainState, frozen, batch, *, graphdef, layouts, cfg: Step
 def init_state(params, tx, seed: int) -> TrainState:
     """Optimizer state is created under jit so it inherits the parameters' shardings."""
     mesh = jax.tree.leaves(params)[0].sharding.mesh
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    replicated = sharding.replicated(mesh)
     # jit, not device_put: in a multi-process run the mesh spans devices this process cannot address.
     opt_state = jax.jit(tx.init)(params)
     opt_state = jax.tree.map(lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding)
                              else jax.jit(lambda y: y, out_shardings=replicated)(x), opt_state)
     step, rng = jax.jit(lambda: (jnp.zeros((), jnp.int32), jax.random.key(seed)), out_shardings=replicated)()
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
-
-
-def batch_shardings(batch, mesh):
-    """Every array sharded on its batch axis over (data, fsdp); positions carry it on axis 1."""
-    from btoks_jax.sharding import batch_sharding
-
-    def one(path, x):
-        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
-        return batch_sharding(mesh, x.ndim, axis)
-
-    return jax.tree_util.tree_map_with_path(one, batch)
 
 
 def compile_step(*, graphdef, layouts, cfg: StepConfig, tx, schedule, state: TrainState, frozen, batch, mesh):
@@ -267,5 +262,5 @@ def compile_step(*, graphdef, layouts, cfg: StepConfig, tx, schedule, state: Tra
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step = partial(train_step, graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule)
-    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_shardings(batch, mesh)),
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(batch, mesh)),
                    out_shardings=(state_sh, None), donate_argnums=(0,))

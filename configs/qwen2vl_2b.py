@@ -18,8 +18,7 @@ under data_root fails loudly.
 
 import os
 
-from btoks_jax.config_args import parse_arg
-from btoks_jax.config_base import base_config
+from btoks_jax.train_config import base_config, parse_arg
 
 # (name, ntp_side, weight): the authors' configs/datasets/mmeb_train.yaml (weights) and
 # configs/datasets/btoks_mmeb_train.yaml (ntp_side: which side's text the other side's BToks generate).
@@ -103,7 +102,7 @@ def shrink_to_local(c, *, steps: int = 8, data_dir: str = "") -> None:
     in GradCache chunks of 8, one bucket, 8 steps with warm-up and the lambda window scaled from 100 and
     2000 of 5000 steps, a checkpoint every 4 steps.
     """
-    from btoks_jax.config_base import default_data_dir, emoji_datasets
+    from btoks_jax.train_config import default_data_dir, emoji_datasets
 
     data_dir = data_dir or default_data_dir()
 

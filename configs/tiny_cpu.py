@@ -10,8 +10,7 @@ evals=0 (no evaluation hooks), gic_warmup=F (lambda only for the first fraction 
 authors' main preset 2000/5000 = 0.4; 0 keeps it the whole run).
 """
 
-from btoks_jax.config_args import parse_arg
-from btoks_jax.config_base import base_config, default_data_dir, emoji_datasets
+from btoks_jax.train_config import base_config, default_data_dir, emoji_datasets, parse_arg
 
 
 def get_config(arg=None):

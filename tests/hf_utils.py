@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import transformers
 
-from btoks_jax.config import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, Qwen2VLConfig
+from btoks_jax.model_config import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID, Qwen2VLConfig
 
 
 def hf_model(config: Qwen2VLConfig, seed: int = 0) -> transformers.Qwen2VLForConditionalGeneration:

@@ -12,10 +12,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from btoks_jax import losses
-from btoks_jax.btoks import BTOK_FIRST_ID, BToksModel, pack, pool
-from btoks_jax.config import IM_END_ID, IM_START_ID, tiny_config
+from btoks_jax.btoks import BToksModel, pool
 from btoks_jax.convert.hf_import import load_hf_weights
+from btoks_jax.inputs import pack
 from btoks_jax.mask import Layout, block_skip_fraction, static_mask
+from btoks_jax.model_config import BTOK_FIRST_ID, IM_END_ID, IM_START_ID, tiny_config
 
 TOL = 1e-4
 CFG = tiny_config()

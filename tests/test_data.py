@@ -12,13 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from btoks_jax.btoks import encode_target
-from btoks_jax.config import IM_END_ID, tiny_config
 from btoks_jax.data import tfds_mmeb
 from btoks_jax.data.emoji_dataset import build_emoji_dataset
 from btoks_jax.data.mmeb_train import DatasetSpec, generation_text, read_mmeb_train, text_only
 from btoks_jax.data.pipeline import MixtureSchedule, PipelineConfig, TrainBatchIterator, choose_bucket
-from btoks_jax.processing import load_tokenizer
+from btoks_jax.inputs import encode_target
+from btoks_jax.model_config import IM_END_ID, tiny_config
 
 CFG = tiny_config()
 # Emoji images are 72x72: at these pixel bounds each becomes 84x84, 9 vision tokens and 36 patches.
@@ -31,10 +30,6 @@ TASKS = (("emoji_i2t", 1.0, "positive"), ("emoji_t2i", 2.0, "query"), ("emoji_cl
 def emoji(tmp_path_factory):
     return build_emoji_dataset(tmp_path_factory.mktemp("emoji") / "data", max_concepts=24)
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +58,6 @@ def _assert_same(a, b):
     for name in x:
         np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 # ===================================== readers =====================================
@@ -106,10 +97,10 @@ GOOD = {"qry": "<|image_1|>\nWhat is it?", "qry_image_path": "images/ok.png", "p
     ({**GOOD, "neg_video_path": [3]}, "neg_video_path", "list of frame paths"),
     ({**GOOD, "neg_video_path": "frames/none"}, "neg_video_path", "folder of frame images"),
 ])
-def test_bad_rows_name_file_row_and_field(tmp_path, bad, field, message):
+def test_bad_rows_name_file_row_and_field(tmp_path, bad, field, message, write_jsonl):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "ok.png").write_bytes(b"")
-    path = _write_jsonl(tmp_path / "bad.jsonl", [GOOD, bad])
+    path = write_jsonl(tmp_path / "bad.jsonl", [GOOD, bad])
     with pytest.raises(ValueError, match=rf"bad\.jsonl: row 2: field '{field}': .*{_escape(message)}"):
         read_mmeb_train(path)
 
@@ -118,14 +109,14 @@ def _escape(text):
     return text.replace("|", r"\|")
 
 
-def test_bad_json_and_parquet_rows(tmp_path):
+def test_bad_json_and_parquet_rows(tmp_path, write_jsonl):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "ok.png").write_bytes(b"")
     path = tmp_path / "broken.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n{not json\n")
     with pytest.raises(ValueError, match=r"broken\.jsonl: row 3: not valid JSON"):
         read_mmeb_train(path)
-    _write_jsonl(path, [GOOD, [1, 2]])
+    write_jsonl(path, [GOOD, [1, 2]])
     with pytest.raises(ValueError, match=r"broken\.jsonl: row 2: field '<row>': expected an object"):
         read_mmeb_train(path)
     table = pa.table({"qry": ["<|image_1|> x", "<|image_1|> y"], "qry_image_path": ["images/ok.png", "images/ok.png"],
@@ -135,12 +126,12 @@ def test_bad_json_and_parquet_rows(tmp_path):
         read_mmeb_train(tmp_path / "rows.parquet")
 
 
-def test_placeholder_repairs(tmp_path):
+def test_placeholder_repairs(tmp_path, write_jsonl):
     # As the reference code: WebQA queries carry <|image_1|> without an image (dropped); VisDial negatives
     # have an image and no text (the bare placeholder).
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "ok.png").write_bytes(b"")
-    path = _write_jsonl(tmp_path / "rows.jsonl", [{**GOOD, "qry": "<|image_1|>\nFind the passage.",
+    path = write_jsonl(tmp_path / "rows.jsonl", [{**GOOD, "qry": "<|image_1|>\nFind the passage.",
                                                    "qry_image_path": "", "neg_text": None,
                                                    "neg_image_path": "images/ok.png"}])
     row = read_mmeb_train(path)[0]
@@ -164,11 +155,11 @@ def test_btoks_canonical_text_and_generation_text():
     assert generation_text("husky\n") == "husky\n"
 
 
-def test_unreadable_image_fails_when_used(emoji, tokenizer, tmp_path):
+def test_unreadable_image_fails_when_used(emoji, tokenizer, tmp_path, write_jsonl):
     (tmp_path / "images").mkdir()
     shutil.copy(read_mmeb_train(emoji.train["emoji_i2t"])[0].query.image, tmp_path / "images" / "ok.png")
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png at all")
-    path = _write_jsonl(tmp_path / "rows.jsonl", [GOOD, {**GOOD, "qry_image_path": "images/broken.png"}])
+    path = write_jsonl(tmp_path / "rows.jsonl", [GOOD, {**GOOD, "qry_image_path": "images/broken.png"}])
     config = dataclasses.replace(PIPE, global_batch_size=2, subbatch_size=2)
     iterator = _iterator([DatasetSpec("rows", str(path))], tokenizer, config)
     with pytest.raises(ValueError, match=r"rows\.jsonl: row 2: field 'qry_image_path': cannot read image"):
@@ -176,14 +167,14 @@ def test_unreadable_image_fails_when_used(emoji, tokenizer, tmp_path):
     iterator.close()
 
 
-def test_video_rows(emoji, tokenizer, tmp_path):
+def test_video_rows(emoji, tokenizer, tmp_path, write_jsonl):
     frames = sorted((emoji.root / "images").iterdir())[:4]
     (tmp_path / "clip").mkdir()
     for i, frame in enumerate(frames):
         shutil.copy(frame, tmp_path / "clip" / f"{i:03d}.png")
     listed = {"qry": "<|video_1|>\nDescribe the clip.", "qry_image_path": "", "pos_text": "four emojis",
               "pos_image_path": "", "qry_video_path": [f"clip/{i:03d}.png" for i in range(4)]}
-    path = _write_jsonl(tmp_path / "video.jsonl", [listed, {**listed, "qry_video_path": "clip"}])
+    path = write_jsonl(tmp_path / "video.jsonl", [listed, {**listed, "qry_video_path": "clip"}])
     rows = read_mmeb_train(path)
     assert rows[0].query.video == rows[1].query.video and len(rows[0].query.video) == 4
     assert rows[0].query.text.startswith("<|vision_start|><|video_pad|><|vision_end|>")

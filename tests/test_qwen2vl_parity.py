@@ -13,9 +13,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from btoks_jax.config import QWEN2_VL_2B, from_hf_config, tiny_config
 from btoks_jax.convert.hf_import import CheckpointMismatchError, abstract_model, load_hf_weights
 from btoks_jax.inputs import pack_hf_inputs
+from btoks_jax.model_config import QWEN2_VL_2B, from_hf_config, tiny_config
 
 TOL = 1e-4
 CFG = tiny_config()

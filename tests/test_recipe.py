@@ -12,9 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from btoks_jax import build
+from btoks_jax import build, train_step
 from btoks_jax import train as trainer
-from btoks_jax import train_step as TS
 from btoks_jax.data.emoji_dataset import build_emoji_dataset
 from btoks_jax.data.mmeb_train import DatasetSpec
 from btoks_jax.data.pipeline import TrainBatchIterator
@@ -42,24 +41,26 @@ def emoji_dir(tmp_path_factory):
 def _first_batch_loss(config, params, graphdef, frozen, mesh):
     """The training loss of step 0's batch under `params`, with step 0's dropout key (deterministic)."""
     tokenizer = load_tokenizer()
-    mcfg = build.model_config(config.model.to_dict())
+    model_cfg = build.model_config(config.model.to_dict())
     data = TrainBatchIterator([DatasetSpec(**d) for d in config.data.to_dict()["datasets"]],
-                              trainer.pipeline_config(config), mcfg, tokenizer)
+                              trainer.pipeline_config(config), model_cfg, tokenizer)
     tb = next(data)
     data.close()
-    batch = trainer._device_batch(tb, None, mesh)
+    batch = trainer._device_batch(tb, mesh)
     layouts = (tb.query.layout, tb.positive.layout)
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
-    loss, metrics, _ = jax.jit(lambda p: TS.loss_and_grads(graphdef, p, frozen, batch, layouts, 0, key,
+    loss, metrics, _ = jax.jit(lambda p: train_step.loss_and_grads(graphdef, p, frozen, batch, layouts, key,
                                                            trainer.step_config(config)))(params)
     return float(loss), {k: float(v) for k, v in metrics.items()}
 
 
 @pytest.mark.parametrize("attention", ["dense", "splash"])
-def test_runlocal_trains_through_the_recipe_code_paths(emoji_dir, tmp_path, attention):
+def test_runlocal_trains_through_the_recipe_code_paths(emoji_dir, tmp_path, attention, caplog):
+    """`btoks train --config configs/qwen2vl_2b.py:runlocal [--config.model.attention_impl=...]`, in process."""
+    from btoks_jax import cli
+
     config = recipe(f"runlocal,data_root={emoji_dir}")
     config.model.attention_impl = attention  # the recipe's is splash (Pallas interpret mode on CPU)
-    config.progress = False
     # Only sizes differ from the 2B recipe: the code paths are all switched on.
     full = recipe("data_root=unused")
     for key in ("dtype", "param_dtype", "remat", "btok_init"):
@@ -73,7 +74,15 @@ def test_runlocal_trains_through_the_recipe_code_paths(emoji_dir, tmp_path, atte
     assert len({d["ntp_side"] for d in config.data.datasets}) == 2  # sets generate different sides
 
     workdir = str(tmp_path / "run")
-    trainer.train(config, workdir)
+    with caplog.at_level("INFO", logger="btoks.train"):
+        assert cli.main(["train", "--config", f"{RECIPE}:runlocal,data_root={emoji_dir}", "--workdir", workdir,
+                         f"--config.model.attention_impl={attention}", "--config.progress=False"]) == 0
+    # A bounded number of step programs, printed before training and counted as they compile.
+    (bound,) = [int(r.getMessage().split()[2]) for r in caplog.records if "step programs:" in r.getMessage()]
+    compiled = [r for r in caplog.records if r.getMessage().startswith("compiling step program")]
+    assert bound == 2 * 2 * 2 * 2 * 2  # ((patches, none) x (target, none))^2 x (joint, contrastive)
+    assert 1 <= len(compiled) <= bound
+    assert jax.config.jax_compilation_cache_dir  # the persistent compilation cache is on
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     losses = [r for r in rows if "loss" in r]
@@ -84,13 +93,13 @@ def test_runlocal_trains_through_the_recipe_code_paths(emoji_dir, tmp_path, atte
     assert all(r["ntp_weight"] == 0.0 for r in losses[window:])
 
     # The losses go down: step 0's batch scores lower under the trained weights than under the initial ones.
-    mesh = trainer.shd.make_mesh(**config.mesh.to_dict())
-    mcfg = build.model_config(config.model.to_dict())
-    initial = build.build(mcfg, num_btoks=config.data.num_btoks, lora=trainer.lora_config(config), seed=config.seed,
-                          mesh=mesh, progress=False)
-    graphdef, params0, frozen = TS.split_model(initial, config.step.trainable)
-    trained, _ = trainer.restore_model(workdir, mesh=mesh)
-    _, params1, _ = TS.split_model(trained, config.step.trainable)
+    mesh = trainer.sharding.make_mesh(**config.mesh.to_dict())
+    model_cfg = build.model_config(config.model.to_dict())
+    initial = build.build(model_cfg, num_btoks=config.data.num_btoks, lora=trainer.lora_config(config),
+                          seed=config.seed, mesh=mesh, progress=False)
+    graphdef, params0, frozen = train_step.split_model(initial, config.step.trainable)
+    trained, _ = build.restore_model(workdir, mesh=mesh)
+    _, params1, _ = train_step.split_model(trained, config.step.trainable)
     before, m0 = _first_batch_loss(config, params0, graphdef, frozen, mesh)
     after, m1 = _first_batch_loss(config, params1, graphdef, frozen, mesh)
     assert before == pytest.approx(losses[0]["loss"], rel=1e-3)  # the same computation the trainer logged
@@ -105,13 +114,12 @@ def test_evaluation_hook_compiles_once(emoji_dir):
     from btoks_jax.evaluate.hooks import make_hooks
 
     config = recipe(f"runlocal,data_root={emoji_dir}")
-    mcfg = build.model_config(config.model.to_dict())
-    meta = trainer.run_meta(config, mcfg)
-    mesh = trainer.shd.make_mesh(devices=jax.devices()[:1])
+    model_cfg = build.model_config(config.model.to_dict())
+    meta = trainer.run_meta(config, model_cfg)
+    mesh = trainer.sharding.make_mesh(devices=jax.devices()[:1])
     (hook,) = make_hooks([dict(name="emoji", data_dir=emoji_dir, every=1, max_rows=8, batch_size=8,
-                               datasets=["emoji_i2t"])], workdir="", tokenizer=load_tokenizer(), mcfg=mcfg,
-                         meta=meta, mesh=mesh)
-    model = build.build(mcfg, num_btoks=4, lora=trainer.lora_config(config), seed=0, mesh=mesh, progress=False)
+                               datasets=["emoji_i2t"])], tokenizer=load_tokenizer(), meta=meta, mesh=mesh)
+    model = build.build(model_cfg, num_btoks=4, lora=trainer.lora_config(config), seed=0, mesh=mesh, progress=False)
     graphdef, state = nnx.split(model)
     first = hook(nnx.merge(graphdef, state), 1)
     compiled = hook._embedder._embed_fns
@@ -142,8 +150,8 @@ def test_lora_a_starts_gaussian_with_std_one_over_rank():
     config = recipe("data_root=unused")
     lora = trainer.lora_config(config)
     assert lora.init == "gaussian" and lora.rank == 16
-    mcfg = build.model_config(recipe("runlocal").model.to_dict())
-    backbone = Qwen2VL(mcfg, rngs=nnx.Rngs(0))
+    model_cfg = build.model_config(recipe("runlocal").model.to_dict())
+    backbone = Qwen2VL(model_cfg, rngs=nnx.Rngs(0))
     apply_lora(backbone, lora, rngs=nnx.Rngs(1))
     adapters = [m for _, m in nnx.iter_graph(backbone) if isinstance(m, LoRAAdapter)]
     a = np.concatenate([np.asarray(m.a.value).ravel() for m in adapters])
@@ -248,10 +256,10 @@ def test_v2_runlocal_trains_the_head(emoji_dir, tmp_path):
     config.progress = False
     workdir = str(tmp_path / "v2")
     trainer.train(config, workdir)
-    trained, meta = trainer.restore_model(workdir)
+    trained, meta = build.restore_model(workdir)
     assert meta["head"]["kind"] == "attention" and trained.head is not None
-    mcfg = build.model_config(config.model.to_dict())
-    initial = build.build(mcfg, num_btoks=4, lora=trainer.lora_config(config), seed=config.seed, progress=False,
+    model_cfg = build.model_config(config.model.to_dict())
+    initial = build.build(model_cfg, num_btoks=4, lora=trainer.lora_config(config), seed=config.seed, progress=False,
                           head=build.head_config(config.model))
     moved = np.abs(np.asarray(trained.head.mlp_out_kernel.value) - np.asarray(initial.head.mlp_out_kernel.value))
     assert moved.max() > 0  # the head is trained

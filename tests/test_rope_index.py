@@ -8,7 +8,7 @@ import torch
 import transformers
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
-from btoks_jax.config import ENDOFTEXT_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+from btoks_jax.model_config import ENDOFTEXT_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
 from btoks_jax.rope_index import get_rope_index
 
 VS, VE, IMG, VID, PAD = VISION_START_ID, VISION_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, ENDOFTEXT_ID

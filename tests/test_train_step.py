@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,7 @@ import pytest
 import train_utils as U
 from jax.sharding import PartitionSpec as P
 
-from btoks_jax import build
-from btoks_jax import sharding as shd
-from btoks_jax import train_step as TS
+from btoks_jax import build, sharding, train_step
 from btoks_jax.lora import LoRAConfig
 
 LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0)
@@ -21,11 +21,12 @@ LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0)
 def test_gradcache_equals_full_batch(objective):
     model = U.model()
     batch, layouts = U.batch()
-    g, params, frozen = TS.split_model(model, "lora")
+    g, params, frozen = train_step.split_model(model, "lora")
     out = {}
     for chunk in (0, 2):
-        cfg = TS.StepConfig(objective=objective, chunk_size=chunk)
-        f = jax.jit(lambda p, fr, b, cfg=cfg: TS.loss_and_grads(g, p, fr, b, layouts, 0, jax.random.key(0), cfg)[1:])
+        cfg = train_step.StepConfig(objective=objective, chunk_size=chunk)
+        f = jax.jit(lambda p, fr, b, cfg=cfg:
+                    train_step.loss_and_grads(g, p, fr, b, layouts, jax.random.key(0), cfg)[1:])
         out[chunk] = f(params, frozen, batch)
     (m0, g0), (m2, g2) = out[0], out[2]
     assert abs(float(m0["loss"]) - float(m2["loss"])) <= 1e-5 * max(1.0, abs(float(m0["loss"])))
@@ -35,14 +36,14 @@ def test_gradcache_equals_full_batch(objective):
 
 
 def _one_step(mesh, objective, mode, chunk):
-    cfg = TS.StepConfig(objective=objective, trainable=mode, chunk_size=chunk)
+    cfg = train_step.StepConfig(objective=objective, trainable=mode, chunk_size=chunk)
     model = build.build(U.CFG, num_btoks=U.K, lora=LORA if mode == "lora" else None, seed=3, mesh=mesh)
-    graphdef, params, frozen = TS.split_model(model, mode)
-    tx, schedule = TS.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
-    state = TS.init_state(params, tx, seed=0)
+    graphdef, params, frozen = train_step.split_model(model, mode)
+    tx, schedule = train_step.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+    state = train_step.init_state(params, tx, seed=0)
     batch, layouts = U.batch(b=8, seed=1)
-    batch = jax.device_put(batch, TS.batch_shardings(batch, mesh))
-    step = TS.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule, state=state,
+    batch = jax.device_put(batch, sharding.batch_shardings(batch, mesh))
+    step = train_step.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule, state=state,
                            frozen=frozen, batch=batch, mesh=mesh)
     new_state, metrics = step(state, frozen, batch)
     return new_state, metrics
@@ -52,8 +53,8 @@ def _one_step(mesh, objective, mode, chunk):
                                                   ("joint", "lora", 4), ("joint", "full", 0)])
 def test_mesh_step_equals_single_device_step(objective, mode, chunk):
     assert jax.device_count() == 8, "the sharding tests need 8 (forced CPU) devices"
-    single = shd.make_mesh(devices=jax.devices()[:1])
-    mesh = shd.make_mesh(2, 2, 2)
+    single = sharding.make_mesh(devices=jax.devices()[:1])
+    mesh = sharding.make_mesh(2, 2, 2)
     s1, m1 = _one_step(single, objective, mode, chunk)
     s8, m8 = _one_step(mesh, objective, mode, chunk)
     assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * max(1.0, abs(float(m1["loss"])))
@@ -93,14 +94,28 @@ def test_weight_decay_mask_is_the_hf_trainers():
     assert len(decayed) < len(names)  # biases and norms are excluded
     for name in names:
         path, _ = hf_to_path(name)
-        assert TS.decays(f"backbone.{path}.value") == (name in decayed), name
+        assert train_step.decays(f"backbone.{path}.value") == (name in decayed), name
     for adapter in ("a", "b", "magnitude"):
-        assert TS.decays(f"backbone.model.layers.0.self_attn.q_proj.lora.{adapter}.value")
-    assert TS.decays("btoks.value")
+        assert train_step.decays(f"backbone.model.layers.0.self_attn.q_proj.lora.{adapter}.value")
+    assert train_step.decays("btoks.value")
     # The mask is applied leaf by leaf to the trainable state.
     model = build.build(U.CFG, num_btoks=U.K, lora=LoRAConfig(rank=4, alpha=8, dora=True), seed=0)
-    _, params, _ = TS.split_model(model, "full")
-    mask = TS.weight_decay_mask(params)
-    flat = {jax.tree_util.keystr(k, simple=True, separator="."): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+    _, params, _ = train_step.split_model(model, "full")
+    mask = train_step.weight_decay_mask(params)
+    flat = {jax.tree_util.keystr(k, simple=True, separator="."): v
+            for k, v in jax.tree_util.tree_leaves_with_path(mask)}
     assert flat["backbone.model.norm.weight.value"] is False and flat["btoks.value"] is True
     assert flat["backbone.model.layers.0.mlp.down_proj.lora.magnitude.value"] is True
+
+
+def test_lambda_schedule_picks_the_step_program():
+    """One schedule, on the host: lambda = 5 before `ntp_until_step` (the joint program, lambda a constant in it),
+    then the contrastive program (lambda 0, no vocabulary logits); GIC-only and contrastive runs never switch."""
+    joint = train_step.StepConfig(objective="joint", ntp_weight=5.0, ntp_until_step=2000)
+    assert train_step.config_at(joint, 0) is joint and train_step.config_at(joint, 1999) is joint
+    assert train_step.config_at(joint, 2000) == dataclasses.replace(joint, objective="contrastive")
+    assert train_step.config_at(dataclasses.replace(joint, ntp_until_step=None), 10**6).objective == "joint"
+    gic = dataclasses.replace(joint, objective="gic")
+    assert train_step.config_at(gic, 10**6) is gic
+    lambdas = [float(train_step._lambda(train_step.config_at(joint, s))) for s in (0, 1999, 2000, 4999)]
+    assert lambdas == [5.0, 5.0, 0.0, 0.0]

@@ -8,9 +8,10 @@ import hf_utils as H
 import numpy as np
 from flax import nnx
 
-from btoks_jax.btoks import BToksModel, pack
-from btoks_jax.config import IM_END_ID, IM_START_ID, tiny_config
+from btoks_jax.btoks import BToksModel
+from btoks_jax.inputs import pack
 from btoks_jax.lora import LoRAConfig, apply_lora
+from btoks_jax.model_config import IM_END_ID, IM_START_ID, tiny_config
 
 # One decoder layer and one vision block: the step tests check sharding and chunking, not depth, and a
 # shallower graph compiles several times faster on CPU.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from btoks_jax import checkpoint
+from btoks_jax import build, checkpoint
 
 
 def export_from_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | None = None, dtype: str = "float32",
@@ -15,14 +15,13 @@ def export_from_checkpoint(checkpoint_dir: str, out_dir: str, *, step: int | Non
     or mismatched checkpoint leaves `out_dir` untouched."""
     from btoks_jax.convert.hf_export import export_hf
     from btoks_jax.processing import ImageProcessor, load_tokenizer
-    from btoks_jax.train import restore_model
 
     if not os.path.isdir(checkpoint_dir):
         raise checkpoint.CheckpointError(f"{checkpoint_dir}: no such checkpoint directory")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: exists and is not empty (use --overwrite)")
     step, _ = checkpoint.read_meta(checkpoint_dir, step)  # clear errors for missing / incomplete steps
-    model, meta = restore_model(checkpoint_dir, step=step)
+    model, meta = build.restore_model(checkpoint_dir, step=step)
     data = meta["config"]["data"]
     image_processor = ImageProcessor(min_pixels=data["image_min_pixels"], max_pixels=data["image_max_pixels"])
     tokenizer = load_tokenizer(meta.get("tokenizer_dir"))

@@ -17,11 +17,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from btoks_jax.config import ENDOFTEXT_ID, IM_END_ID, Qwen2VLConfig
 from btoks_jax.convert import names
 from btoks_jax.convert.hf_import import abstract_model, path_str
 from btoks_jax.lora import LoRAParam
 from btoks_jax.model.layers import Linear
+from btoks_jax.model_config import ENDOFTEXT_ID, IM_END_ID, Qwen2VLConfig
 from btoks_jax.processing.image import ImageProcessor
 from btoks_jax.processing.tokenizer import add_btok_tokens, btok_token, load_tokenizer, save_tokenizer
 from btoks_jax.processing.video import VideoProcessor

@@ -1,6 +1,6 @@
 """Import of Hugging Face Qwen2-VL weights from a local directory into the NNX model.
 
-The model is first built abstractly (shapes only); each checkpoint tensor is then memory-mapped,
+The model is first built abstractly (shapes only); each checkpoint tensor is then read on its own,
 shape-checked, converted to the parameter dtype and put straight into its target sharding, one
 tensor at a time, so host memory stays near one copy of the largest tensor plus the device copy.
 """
@@ -15,10 +15,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from btoks_jax.config import Qwen2VLConfig, from_hf_config
 from btoks_jax.convert import names
 from btoks_jax.convert.safetensors_io import load_tensor, tensor_index
 from btoks_jax.model import Qwen2VL
+from btoks_jax.model_config import Qwen2VLConfig, from_hf_config
 
 
 class CheckpointMismatchError(ValueError):
@@ -94,14 +94,14 @@ def load_hf_weights(
     for path in tqdm(sorted(plan), desc="importing weights", disable=not progress, unit="tensor"):
         key, layout = plan[path]
         target = flat[path].value
-        array = names.to_jax_layout(load_tensor(*index[key]), layout)
+        array = names.to_jax_layout(load_tensor(index[key][0], key), layout)
         array = np.asarray(array, dtype=target.dtype) if array.dtype != target.dtype else np.asarray(array)
         sharding = sharding_for(path, target.shape) if sharding_for else jax.devices()[0]
         values[path] = jax.device_put(array, sharding)
         del array
     for key, callback in (extra_keys or {}).items():
         if key in index:
-            callback(load_tensor(*index[key]))
+            callback(load_tensor(index[key][0], key))
 
     for p, v in nnx.to_flat_state(state):
         v.value = values[path_str(p)]

@@ -1,38 +1,13 @@
-"""Streaming safetensors reading without a framework: one memory-mapped tensor at a time.
-
-The numpy backend of the `safetensors` package cannot represent bfloat16; reading the (simple)
-format directly with `ml_dtypes` keeps every dtype and never loads a whole file.
-"""
+"""Reading Hugging Face safetensors checkpoints one tensor at a time, through the `safetensors` package."""
 
 from __future__ import annotations
 
 import json
 import os
-import struct
-from collections.abc import Iterator
 
-import ml_dtypes
+import ml_dtypes  # noqa: F401  registers np.dtype("bfloat16"), which safetensors' numpy backend asks for
 import numpy as np
-
-_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-def read_header(path: str) -> tuple[dict, int]:
-    """Returns (header without __metadata__, byte offset of the data section)."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (truncated header)")
-        (n,) = struct.unpack("<Q", raw)
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    return header, 8 + n
+from safetensors import SafetensorError, safe_open
 
 
 def checkpoint_files(directory: str) -> list[str]:
@@ -55,28 +30,32 @@ def checkpoint_files(directory: str) -> list[str]:
     return paths
 
 
-def tensor_index(directory: str) -> dict[str, tuple[str, dict, int]]:
-    """key -> (file, header entry, data offset) for every tensor of the checkpoint."""
+def _open(path: str) -> safe_open:
+    try:
+        return safe_open(path, framework="numpy")
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a safetensors file ({e})") from e
+
+
+def read_header(path: str) -> dict[str, dict]:
+    """name -> {"dtype": safetensors tag such as "BF16", "shape": list} for every tensor of one file."""
+    with _open(path) as f:
+        slices = {key: f.get_slice(key) for key in f.keys()}
+        return {key: {"dtype": s.get_dtype(), "shape": s.get_shape()} for key, s in slices.items()}
+
+
+def tensor_index(directory: str) -> dict[str, tuple[str, dict]]:
+    """key -> (file, header entry) for every tensor of the checkpoint; nothing is read but the headers."""
     out = {}
     for path in checkpoint_files(directory):
-        header, start = read_header(path)
-        for key, entry in header.items():
+        for key, entry in read_header(path).items():
             if key in out:
                 raise ValueError(f"{directory}: tensor {key!r} appears in two files")
-            out[key] = (path, entry, start)
+            out[key] = (path, entry)
     return out
 
 
-def load_tensor(path: str, entry: dict, start: int) -> np.ndarray:
-    """A read-only memory-mapped view of one tensor."""
-    dtype = np.dtype(_DTYPES[entry["dtype"]])
-    begin, end = entry["data_offsets"]
-    shape = tuple(entry["shape"])
-    if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(f"{path}: tensor byte size does not match its shape {shape} and dtype {entry['dtype']}")
-    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
-
-
-def iter_tensors(directory: str) -> Iterator[tuple[str, np.ndarray]]:
-    for key, (path, entry, start) in tensor_index(directory).items():
-        yield key, load_tensor(path, entry, start)
+def load_tensor(path: str, key: str) -> np.ndarray:
+    """One tensor of one file, read on its own (the file is memory-mapped, the tensor copied out)."""
+    with _open(path) as f:
+        return f.get_tensor(key)

@@ -14,17 +14,21 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from btoks_jax.data.media import frame_paths, iter_records
-from btoks_jax.processing import IMAGE_TOKEN, VIDEO_TOKEN, VISION_END, VISION_START, convert_mmeb_placeholders
+from btoks_jax.data.media import RowError, image_path, iter_records, string_field, video_frames
+from btoks_jax.processing import (
+    IMAGE_TOKEN,
+    PROMPT_STYLES,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    convert_mmeb_placeholders,
+)
 from btoks_jax.processing.image import load_image
 
 Media = str | bytes  # a file path, or the encoded file itself (rows read back from ArrayRecord)
 
 NTP_SIDES = ("positive", "query", "both", "none")
 FORMATS = ("mmeb", "tfds")
-# "mmeb" keeps the files' `<|image_1|>` placeholders (what the ArrayRecord copy stores); the other two are
-# the Qwen2-VL prompts of section 7 of PAPER.md.
-PROMPT_STYLES = ("btoks", "vlm2vec", "mmeb")
 
 # Per side: (text field, image field, video field). The video field is this project's extension for
 # frame-based rows (a folder of frames or a list of frame paths), named as in the MMEB-V2 evaluation files.
@@ -85,12 +89,6 @@ class TrainRow:
     source: str  # "<file>: row <n>", so errors raised after reading still name the row
 
 
-class RowError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(field, message)
-        self.field, self.message = field, message
-
-
 # ===================================== reading =====================================
 
 
@@ -139,7 +137,7 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
             try:
                 row, n = parse_record(record, root, source, check_files=check_files)
             except RowError as err:
-                raise ValueError(f"{source}: field '{err.field}': {err.message}") from None
+                raise err.at(source) from None
             stripped += n
             rows.append(apply_prompt_style(row, prompt_style))
         if stripped:
@@ -157,9 +155,9 @@ def parse_record(record: Any, image_root: Path, source: str, *, check_files: boo
     sides, stripped = {}, 0
     for name, (text_field, image_field, video_field) in FIELDS.items():
         required = name != "negative"
-        text = _text(record, text_field, required)
-        image = _image(record, image_field, image_root, check_files, required)
-        video = _frames(record, video_field, image_root, check_files)
+        text = string_field(record, text_field, required)
+        image = image_path(string_field(record, image_field, required), image_root, image_field, check_files)
+        video = video_frames(record.get(video_field), image_root, video_field, check_files)
         text, n = _check_placeholders(text, image, video, text_field)
         if not text.strip() and image is None and video is None:
             if required:
@@ -210,36 +208,6 @@ def generation_text(text: str) -> str:
 def text_only(text: str) -> str:
     """The text of a side without its vision placeholders / pads: what the generative loss decodes."""
     return _VISION_STRINGS.sub("", _VIDEO_PLACEHOLDER.sub("", _IMAGE_PLACEHOLDER.sub("", text))).strip()
-
-
-def _text(record: dict, field: str, required: bool) -> str:
-    if field not in record:
-        if required:
-            raise RowError(field, "missing")
-        return ""
-    value = record[field]
-    if value is None:  # parquet tables hold nulls where JSON holds ""
-        return ""
-    if not isinstance(value, str):
-        raise RowError(field, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _image(record: dict, field: str, image_root: Path, check_files: bool, required: bool) -> str | None:
-    value = _text(record, field, required)
-    if not value.strip():
-        return None
-    path = image_root / value
-    if check_files and not path.is_file():
-        raise RowError(field, f"image file not found: {path}")
-    return str(path)
-
-
-def _frames(record: dict, field: str, image_root: Path, check_files: bool) -> tuple[str, ...] | None:
-    try:
-        return frame_paths(record.get(field), image_root, check_files)
-    except ValueError as e:
-        raise RowError(field, str(e)) from None
 
 
 def _check_placeholders(text: str, image, video, field: str) -> tuple[str, int]:

@@ -13,10 +13,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from btoks_jax.btoks import PackedBatch, encode_target, pack
-from btoks_jax.config import ENDOFTEXT_ID, VISION_END_ID, VISION_START_ID, Qwen2VLConfig
 from btoks_jax.data.mmeb_train import DatasetSpec, TrainRow, generation_text, load_media, read_mmeb_train
-from btoks_jax.processing import ImageProcessor, Processor, VideoProcessor
+from btoks_jax.inputs import PackedBatch, encode_target, pack
+from btoks_jax.model_config import ENDOFTEXT_ID, VISION_END_ID, VISION_START_ID, Qwen2VLConfig
+from btoks_jax.processing import MODEL_PROMPT_STYLES, ImageProcessor, Processor, VideoProcessor
 
 SIDES = ("query", "positive")
 _PIXELS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
@@ -73,8 +73,9 @@ class PipelineConfig:
         lengths, budgets = zip(*self.buckets, strict=True)
         if list(lengths) != sorted(set(lengths)) or list(budgets) != sorted(budgets):
             raise ValueError(f"buckets must ascend: query_len strictly, patch_budget weakly; got {self.buckets}")
-        if self.prompt_style not in ("btoks", "vlm2vec"):
-            raise ValueError(f"prompt_style must be 'btoks' or 'vlm2vec', got {self.prompt_style!r}")
+        if self.prompt_style not in MODEL_PROMPT_STYLES:
+            styles = " or ".join(repr(style) for style in MODEL_PROMPT_STYLES)
+            raise ValueError(f"prompt_style must be {styles}, got {self.prompt_style!r}")
         if self.target_len < 0 or self.num_btoks < 0 or self.seed < 0:
             raise ValueError("target_len, num_btoks and seed must be >= 0")
         targets = tuple(int(n) for n in (self.target_buckets or (self.target_len,)))
@@ -251,7 +252,7 @@ def _num_patches(encoded: dict[str, np.ndarray]) -> int:
 
 
 def _collate(sides: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-sample processor outputs -> one right-padded processor-style batch (`btoks.pack` re-aligns it)."""
+    """Per-sample processor outputs -> one right-padded processor-style batch (`inputs.pack` re-aligns it)."""
     width = max(len(s["input_ids"]) for s in sides)
     ids = np.full((len(sides), width), ENDOFTEXT_ID, np.int64)
     mask = np.zeros((len(sides), width), np.int64)

@@ -12,7 +12,8 @@ import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
-from btoks_jax.data.mmeb_train import PROMPT_STYLES, Side, TrainRow, apply_prompt_style, read_mmeb_train
+from btoks_jax.data.mmeb_train import Side, TrainRow, apply_prompt_style, read_mmeb_train
+from btoks_jax.processing import PROMPT_STYLES
 
 BUILDER_NAME = "mmeb_train"
 SIDES = ("query", "positive", "negative")

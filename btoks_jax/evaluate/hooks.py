@@ -25,7 +25,6 @@ class RetrievalHook:
     data_dir: str
     every: int
     processor: Any
-    mcfg: Any
     meta: dict
     mesh: Any
     datasets: Sequence[str] | None = None
@@ -44,10 +43,10 @@ class RetrievalHook:
 
         model.eval()
         if getattr(self, "_embedder", None) is None:
-            self._embedder = Embedder(model=model, processor=self.processor, config=self.mcfg,
-                                      num_btoks=self.meta["num_btoks"], rope_convention=self.meta["rope_convention"],
-                                      prompt_style=self.meta["prompt_style"],
-                                      mesh=self.mesh if self.mesh.devices.size > 1 else None)
+            self._embedder = Embedder.for_model(model, processor=self.processor,
+                                                rope_convention=self.meta["rope_convention"],
+                                                prompt_style=self.meta["prompt_style"],
+                                                mesh=self.mesh if self.mesh.devices.size > 1 else None)
         embedder = self._embedder
         embedder.model = model
         return lambda items: embedder.embed_items(items, pooling=self.pooling, batch_size=self.batch_size,
@@ -90,7 +89,7 @@ class TrainPairsHook(RetrievalHook):
         return out
 
 
-def make_hooks(evals, *, workdir: str, tokenizer, mcfg, meta: dict, mesh) -> list[RetrievalHook]:
+def make_hooks(evals, *, tokenizer, meta: dict, mesh) -> list[RetrievalHook]:
     from btoks_jax.processing import ImageProcessor, Processor
 
     hooks = []
@@ -104,6 +103,5 @@ def make_hooks(evals, *, workdir: str, tokenizer, mcfg, meta: dict, mesh) -> lis
             raise ValueError(f"unknown evaluation kind {kind!r} in config.evals")
         cls = TrainPairsHook if kind == "train_pairs" else RetrievalHook
         hooks.append(cls(name=spec.pop("name"), data_dir=spec.pop("data_dir", ""), every=spec.pop("every"),
-                         processor=processor, mcfg=mcfg, meta=meta, mesh=mesh, **spec))
-    del workdir
+                         processor=processor, meta=meta, mesh=mesh, **spec))
     return hooks

@@ -21,7 +21,15 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from btoks_jax.data.media import frame_paths, iter_records
+from btoks_jax.data.media import (
+    RowError,
+    first_present,
+    image_path,
+    iter_records,
+    string_field,
+    string_list_field,
+    video_frames,
+)
 from btoks_jax.evaluate.metrics import DEFAULT_KS, global_ranking_metrics, local_ranking_metrics
 
 # ===================================== the MMEB-V2 dataset map =====================================
@@ -117,14 +125,6 @@ class EvalRow:
     relevance: tuple[float, ...]  # one grade per candidate; > 0 means relevant
 
 
-
-
-class _RowError(ValueError):
-    def __init__(self, field: str, message: str):
-        super().__init__(field, message)
-        self.field, self.message = field, message
-
-
 def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
                    check_files: bool = True) -> list[EvalRow]:
     """Reads MMEB-V2-format evaluation rows from `.jsonl` or `.parquet`.
@@ -150,97 +150,51 @@ def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None =
             raise ValueError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
         try:
             rows.append(_parse_row(record, data_dir, check_files))
-        except _RowError as err:
-            raise ValueError(f"{path}: row {number}: field '{err.field}': {err.message}") from None
+        except RowError as err:
+            raise err.at(f"{path}: row {number}") from None
     return rows
 
 
 def _parse_row(record: dict, data_dir: Path, check_files: bool) -> EvalRow:
-    texts = _str_list(record, "tgt_text", required=True)
+    texts = string_list_field(record, "tgt_text", required=True)
     if not texts:
-        raise _RowError("tgt_text", "empty candidate list")
+        raise RowError("tgt_text", "empty candidate list")
     num = len(texts)
-    images = _str_list(record, "tgt_img_path", required=False) or [None] * num
+    images = string_list_field(record, "tgt_img_path", required=False) or [None] * num
     if len(images) != num:
-        raise _RowError("tgt_img_path", f"{len(images)} entries but tgt_text has {num}")
-    video_field, videos = _first_present(record, "tgt_video_path", "tgt_frame_paths")
+        raise RowError("tgt_img_path", f"{len(images)} entries but tgt_text has {num}")
+    video_field, videos = first_present(record, "tgt_video_path", "tgt_frame_paths")
     videos = [None] * num if videos is None else videos
     if not isinstance(videos, list) or len(videos) != num:
-        raise _RowError(video_field, f"expected a list of {num} frame folders / frame lists")
-    tgt_inst = _str(record, "tgt_inst")
+        raise RowError(video_field, f"expected a list of {num} frame folders / frame lists")
+    tgt_inst = string_field(record, "tgt_inst")
     candidates = tuple(
-        Item(text=text or "", image=_media(image, data_dir, "tgt_img_path", check_files),
-             video=_frames(video, data_dir, video_field, check_files), instruction=tgt_inst)
+        Item(text=text or "", image=image_path(image, data_dir, "tgt_img_path", check_files),
+             video=video_frames(video, data_dir, video_field, check_files), instruction=tgt_inst)
         for text, image, video in zip(texts, images, videos)
     )
-    qry_video_field, qry_video = _first_present(record, "qry_video_path", "qry_frame_paths")
-    query = Item(text=_str(record, "qry_text"),
-                 image=_media(record.get("qry_img_path"), data_dir, "qry_img_path", check_files),
-                 video=_frames(qry_video, data_dir, qry_video_field, check_files),
-                 instruction=_str(record, "qry_inst"))
+    qry_video_field, qry_video = first_present(record, "qry_video_path", "qry_frame_paths")
+    query = Item(text=string_field(record, "qry_text"),
+                 image=image_path(string_field(record, "qry_img_path", required=False), data_dir, "qry_img_path",
+                                  check_files),
+                 video=video_frames(qry_video, data_dir, qry_video_field, check_files),
+                 instruction=string_field(record, "qry_inst"))
     if query.text == "" and query.image is None and query.video is None and query.instruction == "":
-        raise _RowError("qry_text", "the query has no text, image or video")
+        raise RowError("qry_text", "the query has no text, image or video")
     return EvalRow(query, candidates, _relevance(record.get("qrels"), num))
-
-
-def _first_present(record: dict, *fields: str):
-    for field in fields:
-        if record.get(field) is not None:
-            return field, record[field]
-    return fields[0], None
-
-
-def _str(record: dict, field: str) -> str:
-    if field not in record:
-        raise _RowError(field, "missing")
-    value = record[field]
-    if value is None:  # parquet tables often hold nulls where JSON would hold ""
-        return ""
-    if not isinstance(value, str):
-        raise _RowError(field, f"expected a string, got {type(value).__name__}")
-    return value
-
-
-def _str_list(record: dict, field: str, *, required: bool) -> list | None:
-    value = record.get(field)
-    if value is None:
-        if required:
-            raise _RowError(field, "missing")
-        return None
-    if not isinstance(value, (list, tuple)) or not all(v is None or isinstance(v, str) for v in value):
-        raise _RowError(field, "expected a list of strings")
-    return list(value)
-
-
-def _media(value, data_dir: Path, field: str, check_files: bool) -> str | None:
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise _RowError(field, f"expected a path string, got {type(value).__name__}")
-    path = data_dir / value
-    if check_files and not path.is_file():
-        raise _RowError(field, f"file not found: {path}")
-    return str(path)
-
-
-def _frames(value, data_dir: Path, field: str, check_files: bool) -> tuple[str, ...] | None:
-    try:
-        return frame_paths(value, data_dir, check_files)
-    except ValueError as e:
-        raise _RowError(field, str(e)) from None
 
 
 def _relevance(value, num: int) -> tuple[float, ...]:
     if value is None:
         return (1.0,) + (0.0,) * (num - 1)
     if not isinstance(value, (list, tuple)) or len(value) != num:
-        raise _RowError("qrels", f"expected a list of {num} relevance grades, one per candidate")
+        raise RowError("qrels", f"expected a list of {num} relevance grades, one per candidate")
     try:
         grades = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise _RowError("qrels", "grades must be numbers") from None
+        raise RowError("qrels", "grades must be numbers") from None
     if not all(math.isfinite(g) for g in grades) or max(grades) <= 0:
-        raise _RowError("qrels", "grades must be finite and at least one must be > 0")
+        raise RowError("qrels", "grades must be finite and at least one must be > 0")
     return grades
 
 

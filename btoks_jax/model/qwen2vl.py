@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from btoks_jax.config import Qwen2VLConfig
 from btoks_jax.inputs import ModelInputs
 from btoks_jax.model.layers import Linear
 from btoks_jax.model.text import TextModel
 from btoks_jax.model.vision import VisionTransformer
+from btoks_jax.model_config import Qwen2VLConfig
 
 
 class Qwen2VL(nnx.Module):

@@ -17,14 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from jax.sharding import PartitionSpec as P
 
-# Mesh axes, for a call inside `jit` under `jax.set_mesh(mesh)`: a Pallas call cannot be partitioned by
-# the compiler, so the kernel runs per shard through `shard_map`, the batch split over whichever of
-# BATCH_AXES the mesh has (and the batch divides), the heads over HEAD_AXIS when they divide. Other mesh
-# axes see the kernel replicated; the kernel cannot split the sequence.
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from btoks_jax import sharding
+
+# For a call inside `jit` under `jax.set_mesh(mesh)`: a Pallas call cannot be partitioned by the compiler,
+# so the kernel runs per shard through `shard_map`, with the shards the sharding rules give the logical
+# axes "batch" and "q_heads" / "kv_heads" (the heads only when they split into whole kv heads per shard).
+# Other mesh axes see the kernel replicated; the kernel cannot split the sequence.
 
 # A (block_q x block_kv) tile is the unit the kernel skips; 512 keeps the TPU MXU busy on long
 # sequences, and the kernel needs multiples of 128 (the TPU lane width) for segment ids.
@@ -78,12 +77,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
     # The kernel does not scale the logits; folding the scale into q is the cheapest place.
     q = q * jnp.asarray(scale, q.dtype)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    batch_axes, head_axis = _mesh_axes(mesh, b, n, num_kv)
-    if head_axis is not None and num_kv % mesh.shape[head_axis]:
+    # Splittable when some repeat of the kv heads gives every head shard whole kv heads (then N divides too).
+    head_shards = sharding.current_shards("q_heads")
+    split_heads = head_shards > 1 and _kv_repeats(n, num_kv, head_shards) is not None
+    if split_heads and num_kv % head_shards:
         # Too few kv heads to split: duplicate each just enough that every head shard owns whole kv heads
-        # (cheaper than leaving the whole attention replicated across the tensor axis).
-        reps = _kv_repeats(n, num_kv, mesh.shape[head_axis])
+        # (cheaper than leaving the whole attention replicated across the head shards).
+        reps = _kv_repeats(n, num_kv, head_shards)
         k, v = jnp.repeat(k, reps, axis=2), jnp.repeat(v, reps, axis=2)  # [B, T, K * reps, H]
 
     def attend(q, k, v, segment_ids):
@@ -102,47 +102,24 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
         out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(q=s, kv=s)))(q, k, v, segment_ids)
         return out[:, :, :t].transpose(0, 2, 1, 3)  # [B, T, N, H]
 
-    if batch_axes is None and head_axis is None:
+    heads, kv_heads = ("q_heads", "kv_heads") if split_heads else (None, None)
+    act_btnh = sharding.current_spec(("batch", None, heads, None), q.shape, where="splash attention q")
+    act_btkh = sharding.current_spec(("batch", None, kv_heads, None), k.shape, where="splash attention k, v")
+    seg_bt = sharding.current_spec(("batch", None), segment_ids.shape, where="splash attention segment ids")
+    if act_btnh is None or not any(act_btnh):  # no mesh, or nothing split on it
         return attend(q, k, v, segment_ids)
-    act_btnh, seg_bt = P(batch_axes, None, head_axis, None), P(batch_axes, None)
+    if act_btkh != act_btnh:
+        raise ValueError(f"the splash kernel needs q and kv heads on the same shards; the sharding rules give "
+                         f"q {act_btnh}, k and v {act_btkh}")
     out_spec = jax.typeof(q).sharding.spec
-    q, k, v, segment_ids = (_reshard_explicit(x, spec, mesh)
+    q, k, v, segment_ids = (sharding.reshard_explicit(x, spec)
                             for x, spec in ((q, act_btnh), (k, act_btnh), (v, act_btnh), (segment_ids, seg_bt)))
     # The library's pallas_call declares no per-axis variance for its outputs, which check_vma requires.
-    out = jax.shard_map(attend, mesh=mesh, in_specs=(act_btnh, act_btnh, act_btnh, seg_bt), out_specs=act_btnh,
+    in_specs = (act_btnh, act_btnh, act_btnh, seg_bt)
+    out = jax.shard_map(attend, mesh=jax.sharding.get_abstract_mesh(), in_specs=in_specs, out_specs=act_btnh,
                         check_vma=False)(q, k, v, segment_ids)
     # Explicit mesh axes are part of the array type: hand the output back sharded as q came in.
-    return _reshard_explicit(out, out_spec, mesh)
-
-
-def _reshard_explicit(x: jax.Array, spec: P, mesh) -> jax.Array:
-    """`x` resharded to `spec` on the mesh's Explicit axes (shard_map requires an exact match there); Auto
-    axes are left to shard_map and the compiler."""
-    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types) if kind == jax.sharding.AxisType.Explicit}
-    if not explicit:
-        return x
-
-    def keep(entry):
-        names = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a in explicit)
-        return names or None
-
-    return jax.reshard(x, P(*(keep(entry) for entry in spec)))
-
-
-def _mesh_axes(mesh, batch: int, num_heads: int, num_kv: int) -> tuple[tuple[str, ...] | None, str | None]:
-    """The mesh axes the batch and the heads are split over (None: not split), given what divides evenly."""
-    if mesh.empty:
-        return None, None
-    batch_axes, shards = [], 1
-    for name in BATCH_AXES:
-        # A batch that does not divide (e.g. batch 1 at evaluation) stays replicated over that axis.
-        if name in mesh.axis_names and batch % (shards * mesh.shape[name]) == 0:
-            batch_axes.append(name)
-            shards *= mesh.shape[name]
-    # Splittable when some repeat of the kv heads gives every head shard whole kv heads (then N divides too).
-    split_heads = (HEAD_AXIS in mesh.axis_names and mesh.shape[HEAD_AXIS] > 1
-                   and _kv_repeats(num_heads, num_kv, mesh.shape[HEAD_AXIS]) is not None)
-    return tuple(batch_axes) or None, HEAD_AXIS if split_heads else None
+    return sharding.reshard_explicit(out, out_spec)
 
 
 def _kv_repeats(num_heads: int, num_kv: int, head_shards: int) -> int | None:

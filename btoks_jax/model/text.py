@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from btoks_jax.config import TextConfig
 from btoks_jax.model import attention
 from btoks_jax.model.layers import ACTIVATIONS, Linear, RMSNorm, apply_rotary, mrope_cos_sin, param
+from btoks_jax.model_config import TextConfig
 from btoks_jax.sharding import constrain
 
 

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from btoks_jax.config import VisionConfig
 from btoks_jax.model import attention
 from btoks_jax.model.layers import ACTIVATIONS, LayerNorm, Linear, apply_rotary, vision_cos_sin
+from btoks_jax.model_config import VisionConfig
 from btoks_jax.sharding import constrain
 
 

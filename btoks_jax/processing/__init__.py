@@ -3,6 +3,8 @@
 from btoks_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, load_image, smart_resize
 from btoks_jax.processing.prompt import (
     IMAGE_TOKEN,
+    MODEL_PROMPT_STYLES,
+    PROMPT_STYLES,
     VIDEO_TOKEN,
     VISION_END,
     VISION_START,
@@ -21,8 +23,10 @@ from btoks_jax.processing.video import VideoProcessor, bicubic_resize_like_torch
 
 __all__ = [
     "IMAGE_TOKEN",
+    "MODEL_PROMPT_STYLES",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "PROMPT_STYLES",
     "QWEN2VL_SPECIAL_TOKENS",
     "VIDEO_TOKEN",
     "VISION_END",

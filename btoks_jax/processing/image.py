@@ -1,19 +1,22 @@
-"""Qwen2-VL image preprocessing on the host (NumPy/Pillow): smart_resize, normalisation and the patch layout.
+"""Qwen2-VL image preprocessing on the host: `transformers`' `Qwen2VLImageProcessorPil`, and what video.py shares.
 
-Mirrors `transformers`' `Qwen2VLImageProcessorPil` (the PIL backend): same RGB conversion, the same Pillow
-bicubic resize call, rescale in float64 then float32, normalise in float32, and the same patch order. Tested
-bit-for-bit against it (tests/test_processing.py).
+Images go through transformers' PIL/NumPy backend (no torchvision), built from the frozen `ImageProcessor`
+settings; it is imported on first use, since transformers imports torch with it when torch is installed. This
+module keeps the project's side: the settings and their config files, reading files and checking arrays, and
+the pieces the torch-free video path needs (`smart_resize`, `load_image`, `patchify`).
 
-Patch layout, shared with video.py. Legend: T frames, C channels (3), tp temporal patch (2), ps patch pixels (14),
-m merge size (2); gt = T / tp, gh = H / ps, gw = W / ps patches; bh = gh / m, bw = gw / m merge windows; mh, mw the
-position inside a window; ph, pw the pixel inside a patch. A frame stack float32[T, C, H, W] becomes
-float32[gt * gh * gw, C * tp * ps * ps] with rows ordered (gt, bh, bw, mh, mw), so each run of m*m rows is one
-merge window, and features ordered (C, tp, ph, pw), the order of the Conv3d patch-embedding weights.
+Patch layout, the one transformers gives image patches and `patchify` gives video patches. Legend: T frames,
+C channels (3), tp temporal patch (2), ps patch pixels (14), m merge size (2); gt = T / tp, gh = H / ps, gw = W / ps
+patches; bh = gh / m, bw = gw / m merge windows; mh, mw the position inside a window; ph, pw the pixel inside a patch.
+A frame stack float32[T, C, H, W] becomes float32[gt * gh * gw, C * tp * ps * ps] with rows ordered
+(gt, bh, bw, mh, mw), so each run of m*m rows is one merge window, and features ordered (C, tp, ph, pw), the order
+of the Conv3d patch-embedding weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -38,7 +41,8 @@ def smart_resize(
     """(height, width) divisible by `factor`, near the input aspect ratio, with area in [min_pixels, max_pixels].
 
     Port of `transformers.models.qwen2_vl.image_processing_qwen2_vl.smart_resize`, same float expressions
-    and errors, since a one-pixel difference changes the token count.
+    and errors, since a one-pixel difference changes the token count. The video path sizes frames with it:
+    transformers' copies sit in modules that import torch.
     """
     ratio = max(height, width) / min(height, width)
     if ratio > 200:
@@ -90,11 +94,6 @@ def load_image(image: ImageLike, convert_rgb: bool = True) -> np.ndarray:
     return array
 
 
-def pil_resize(pixels: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
-    """uint8[H, W, 3] -> uint8[height, width, 3] with the Pillow call the HF PIL backend makes."""
-    return np.asarray(Image.fromarray(pixels).resize((width, height), resample=resample))
-
-
 def patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int) -> np.ndarray:
     """float32[T, C, H, W] (T a multiple of temporal_patch_size) -> float32[gt*gh*gw, C*tp*ps*ps] (module doc)."""
     t, c, h, w = frames.shape
@@ -140,7 +139,8 @@ def config_fields(cls: type, config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
-    """Host-side `Qwen2VLImageProcessorPil`; defaults are HF's class defaults (a checkpoint's config overrides)."""
+    """Settings of transformers' `Qwen2VLImageProcessorPil`, which a call runs; defaults are HF's class defaults (a
+    checkpoint's config overrides)."""
 
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
@@ -177,37 +177,31 @@ class ImageProcessor:
         with open(Path(directory) / IMAGE_PROCESSOR_CONFIG, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, sort_keys=True)
 
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """Pixel size an image of (height, width) is resized to; /patch_size gives its grid."""
-        if not self.do_resize:
-            return height, width
-        factor = self.patch_size * self.merge_size
-        return smart_resize(height, width, factor, self.min_pixels, self.max_pixels)
-
-    def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8[..., H, W, C] -> float32, rounding as the HF PIL backend: x * scale in float64, cast, then
-        (x - mean) / std in float32."""
-        x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32) if self.do_rescale else pixels
-        x = x.astype(np.float32)
-        if self.do_normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return x
-
-    def preprocess_one(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
-        """One image -> (float32[gh*gw, C*tp*ps*ps], int64[3] grid (1, gh, gw))."""
-        pixels = load_image(image, self.do_convert_rgb)
-        height, width = self.resized_size(*pixels.shape[:2])
-        if self.do_resize:
-            pixels = pil_resize(pixels, height, width, self.resample)
-        frame = self.normalize(pixels).transpose(2, 0, 1)[None]  # [1, C, H, W]
-        # A still image is its own temporal patch: the frame repeated temporal_patch_size times (a view).
-        frames = np.broadcast_to(frame, (self.temporal_patch_size, *frame.shape[1:]))
-        patches = patchify(frames, self.patch_size, self.temporal_patch_size, self.merge_size)
-        return patches, np.array([1, height // self.patch_size, width // self.patch_size], np.int64)
-
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
         """images (one, or a list) -> pixel_values float32[N_patches, 1176], image_grid_thw int64[num_images, 3]."""
         if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
             images = [images]
-        patches, grids = zip(*(self.preprocess_one(image) for image in images))
-        return {"pixel_values": np.concatenate(patches), "image_grid_thw": np.stack(grids)}
+        out = _hf_image_processor(self)([_hf_input(image) for image in images], input_data_format="channels_last")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def _hf_input(image: ImageLike) -> Image.Image | np.ndarray:
+    """One image as transformers' processor takes it: files read by `load_image` (no URLs or base64), uint8
+    arrays checked and given a channel axis when HxW; RGB conversion is left to transformers."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return image
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise TypeError(f"Expected a uint8 HxW or HxWxC array, got {array.dtype} {array.shape}.")
+    return array[..., None] if array.ndim == 2 else array
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_image_processor(settings: ImageProcessor):
+    """transformers' `Qwen2VLImageProcessorPil` with these settings, built once per process."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings).items()}
+    return Qwen2VLImageProcessorPil(**kwargs)

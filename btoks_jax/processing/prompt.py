@@ -24,6 +24,14 @@ VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
 _MMEB_PLACEHOLDER = re.compile(r"<\|(image|video)_\d+\|>")
 
+# How a side's MMEB placeholders (`<|image_1|>`, `<|video_1|>`) reach the model. "btoks": the prompt of the
+# paper's authors (section 7 of PAPER.md), pads wrapped in `<|vision_start|>..<|vision_end|>` and training sides put
+# in their canonical form; "vlm2vec": VLM2Vec's, bare pads; "mmeb": the placeholders kept, as the files and the
+# ArrayRecord copy store them (a form rows are read in, not one a model is fed).
+PROMPT_STYLES = ("btoks", "vlm2vec", "mmeb")
+# The styles a model is trained on and embeds with (the training config, `Embedder.prompt_style`).
+MODEL_PROMPT_STYLES = tuple(style for style in PROMPT_STYLES if style != "mmeb")
+
 
 def convert_mmeb_placeholders(text: str, wrap_vision: bool = False) -> str:
     """MMEB placeholders (`<|image_1|>`, `<|video_1|>`) to Qwen2-VL pads.

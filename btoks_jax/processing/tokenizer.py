@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # transformers is imported on use: image/video workers never pay for it
+if TYPE_CHECKING:  # transformers is imported on use: importing the package stays light (image.py does the same)
     from transformers import PreTrainedTokenizerBase
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 

@@ -1,6 +1,8 @@
-"""Defaults shared by every training config in `configs/` (an ml_collections ConfigDict).
+"""The trainer's configuration: the defaults every training config in `configs/` starts from (an ml_collections
+ConfigDict, each field documented once; a config file overrides what its recipe changes), and the parsing of a
+config's `get_config(arg)` string ("runlocal,objective=contrastive,steps=10").
 
-Every field here is documented once; a config file overrides what its recipe changes.
+The model's own configuration (Qwen2-VL sizes, presets, token ids) is `btoks_jax/model_config.py`.
 """
 
 from __future__ import annotations
@@ -61,3 +63,25 @@ def base_config() -> ml_collections.ConfigDict:
 def emoji_datasets(data_dir: str, tasks=tuple(EMOJI_TASKS)) -> list[dict]:
     return [dict(name=t, path=os.path.join(data_dir, f"{t}_train.jsonl"), image_root=data_dir, weight=1.0,
                  ntp_side=EMOJI_TASKS[t]) for t in tasks]
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Comma-separated flags and key=value pairs over typed defaults; unknown keys are an error."""
+    out = ml_collections.ConfigDict(defaults)
+    for part in filter(None, (arg or "").split(",")):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not sep:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return out

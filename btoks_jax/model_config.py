@@ -1,4 +1,5 @@
-"""Model configuration: frozen dataclasses with Hugging Face field names."""
+"""The model's configuration: Qwen2-VL sizes as frozen dataclasses with Hugging Face field names, the presets
+and the special-token ids. The trainer's configuration is `btoks_jax/train_config.py`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ VISION_START_ID = 151652
 VISION_END_ID = 151653
 IMAGE_PAD_ID = 151655
 VIDEO_PAD_ID = 151656
+BTOK_FIRST_ID = 151657  # `<|btok_0|>` in the authors' tokenizer: the first id after Qwen2-VL's specials.
 
 
 @dataclasses.dataclass(frozen=True)
