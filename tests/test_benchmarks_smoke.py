@@ -55,3 +55,27 @@ def test_tiny_compile_writes_records(tmp_path, capsys):
     aot.write_results(out, [dict(record, bytes_per_chip=1), other], append=True)
     records = json.loads(out.read_text())
     assert sorted((r["chunk_size"], r["bytes_per_chip"] == 1) for r in records) == [(8, True), (16, False)]
+
+
+def test_gic_chunk_grouping_measures_the_weights():
+    """Rows alternating 1 and 10 target tokens: chunks of 8 in that order mix the lengths, so a sample weighs in
+    proportion to its length; length-sorted chunks hold one length each, so every generating sample weighs the
+    same. The total GIC weight (generating samples / batch) is the same either way."""
+    spec = importlib.util.spec_from_file_location("gic_chunk_grouping", SCRIPT.with_name("gic_chunk_grouping.py"))
+    gic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gic)
+    import numpy as np
+
+    mask = np.zeros((16, 10), bool)
+    for i in range(16):
+        mask[i, : 1 if i % 2 else 10] = True
+    r = gic.compare(mask, chunk=8, devices=1)
+    # Mixed chunk of 4 x 10 + 4 x 1 tokens: a sample weighs len / 44 x 8 / 16, so 10 / 1 apart. (The weights
+    # are float32 token weights summed: 1e-6.)
+    assert abs(r["spread_mixture"] - 10.0) < 1e-6 and abs(r["spread_sorted"] - 1.0) < 1e-6
+    assert abs(r["total_mixture"] - 1.0) < 1e-6 and abs(r["total_sorted"] - 1.0) < 1e-6
+    # Each long sample goes from 10/88 to 1/16 of the weight: 8 x (10/88 - 1/16) of 1 moves.
+    assert abs(r["distance"] - 8 * (10 / 88 - 1 / 16)) < 1e-6
+    # Two devices keep their rows apart: sorting never moves a row across the device boundary.
+    order = gic.length_sorted(mask, devices=2)
+    assert sorted(order[:8]) == list(range(8)) and sorted(order[8:]) == list(range(8, 16))
