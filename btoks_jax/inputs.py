@@ -64,6 +64,12 @@ class ModelInputs:
         return tuple(self.input_ids.shape)
 
 
+def batch_axis(path) -> int:
+    """The batch axis of the array at tree `path` in a batch: 1 for `positions` int[3, B, T] (the M-RoPE streams
+    first), 0 for every other array (model inputs, labels, label masks)."""
+    return 1 if any(getattr(key, "name", None) == "positions" for key in path) else 0
+
+
 def vision_patch_positions(grid_thw, merge: int) -> np.ndarray:
     """int[t*h*w, 2] (row, column) per patch in the 2x2 merge-window order HF's processor emits."""
     t, h, w = (int(x) for x in grid_thw)

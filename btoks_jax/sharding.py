@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from btoks_jax.inputs import batch_axis
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
@@ -119,11 +121,10 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = DEF
 
 def batch_shardings(tree, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
     """NamedShardings for a tree of batch arrays (model inputs, labels): each split on its batch axis by the
-    "batch" rule, the rest replicated. The batch axis is 0, except for `positions` int[3, B, T] (the M-RoPE
-    streams first), where it is 1."""
+    "batch" rule (`inputs.batch_axis`: axis 1 of `positions`, axis 0 elsewhere), the rest replicated."""
 
     def one(path, x):
-        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
+        axis = batch_axis(path)
         logical = tuple("batch" if i == axis else None for i in range(x.ndim))
         where = jax.tree_util.keystr(path, simple=True, separator=".") or "batch"
         return NamedSharding(mesh, logical_to_spec(logical, x.shape, mesh, rules, where=where))

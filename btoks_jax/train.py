@@ -252,7 +252,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                              "kernel to skip (causal alone: %.1f%%)", side, lay, step_cfg.mask_mode,
                              100 * block_skip_fraction(lay, step_cfg.mask_mode), 100 * block_skip_fraction(lay, "full"))
             compiled[key] = train_step.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx,
-                                            schedule=schedule, state=state, frozen=frozen, batch=batch, mesh=mesh)
+                                                    schedule=schedule, state=state, frozen=frozen, batch=batch,
+                                                    mesh=mesh, rules=rules)
         return compiled[key]
 
     # ---------------------------------------------------------------- evaluation hooks

@@ -26,6 +26,7 @@ from flax import nnx
 from btoks_jax import losses, sharding
 from btoks_jax.btoks import BTokParam
 from btoks_jax.head import HeadParam
+from btoks_jax.inputs import batch_axis
 from btoks_jax.lora import LoRAParam
 from btoks_jax.mask import Layout
 
@@ -120,7 +121,7 @@ def _chunk(tree, i, n):
     """Chunk i of N: rows i, i+N, i+2N, ... so every chunk spreads over all batch shards."""
 
     def take(path, x):
-        axis = 1 if any(getattr(p, "name", None) == "positions" for p in path) else 0
+        axis = batch_axis(path)
         shape = x.shape[:axis] + (x.shape[axis] // n, n) + x.shape[axis + 1:]
         return jax.lax.dynamic_index_in_dim(x.reshape(shape), i, axis=axis + 1, keepdims=False)
 
@@ -255,12 +256,14 @@ def init_state(params, tx, seed: int) -> TrainState:
     return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
 
-def compile_step(*, graphdef, layouts, cfg: StepConfig, tx, schedule, state: TrainState, frozen, batch, mesh):
-    """The jitted step with explicit in/out shardings and the state donated."""
+def compile_step(*, graphdef, layouts, cfg: StepConfig, tx, schedule, state: TrainState, frozen, batch, mesh,
+                 rules=sharding.DEFAULT_RULES):
+    """The jitted step with explicit in/out shardings (the batch's from `rules`, as the trainer places it) and
+    the state donated."""
     from functools import partial
 
     state_sh = jax.tree.map(lambda x: x.sharding, state)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step = partial(train_step, graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule)
-    return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(batch, mesh)),
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_shardings(batch, mesh, rules)),
                    out_shardings=(state_sh, None), donate_argnums=(0,))
