@@ -6,13 +6,14 @@
     vectors = model.embed(["a cat"], images=[None])    # L2-normalised BToks embeddings
 
 A directory is either a Hugging Face-format Qwen2-VL directory (with or without `<|btok_i|>`
-rows, the authors' format) or a btoks-jax training workdir / checkpoint directory.
+rows, the authors' format) or a btoks-jax training workdir / checkpoint directory, local or in a
+bucket (`gs://BUCKET/PATH`: weights are streamed from there, small tokenizer and processor files copied
+to a temporary folder).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
@@ -21,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from btoks_jax import build, checkpoint, sharding
+from btoks_jax import build, checkpoint, fs, sharding
 from btoks_jax.btoks import BToksModel
+from btoks_jax.convert.hf_import import hf_config
 from btoks_jax.evaluate.mmeb import Item
 from btoks_jax.inputs import pack, pack_hf_inputs
 from btoks_jax.mask import Layout
-from btoks_jax.model_config import Qwen2VLConfig, from_hf_config
+from btoks_jax.model_config import Qwen2VLConfig
 from btoks_jax.processing import (
     ImageProcessor,
     Processor,
@@ -37,15 +39,22 @@ from btoks_jax.processing import (
 
 
 def item_prompt(item: Item, style: str = "vlm2vec") -> str:
-    """The text fed for one item: instruction then text, with the vision placeholder first when the
-    item has an image or video and the text names none. VLM2Vec style leaves pads bare; BToks style
-    wraps them in <|vision_start|>..<|vision_end|>."""
-    text = " ".join(p for p in (item.instruction.strip(), item.text.strip()) if p)
+    """The text fed for one item, with its MMEB placeholders turned into Qwen2-VL pads.
+
+    An item with an instruction is composed: instruction then text, with the vision placeholder first when the
+    item has an image or video and the text names none. An item without one is a finished prompt (the MMEB-V2
+    readers build them in their prompt style's exact surface form) and is kept character for character, but for
+    the placeholder added in front when it has media and names none, or removed when it has no media. VLM2Vec
+    style leaves pads bare; BToks style wraps them in <|vision_start|>..<|vision_end|>."""
+    if item.instruction:
+        text = " ".join(p for p in (item.instruction.strip(), item.text.strip()) if p)
+    else:
+        text = item.text
     if item.video and "<|video_" not in text:
         text = "<|video_1|>\n" + text.replace("<|image_1|>", "").strip()
     elif item.image and "<|image_" not in text:
         text = "<|image_1|>\n" + text
-    if not item.image and not item.video:
+    if not item.image and not item.video and "<|image_1|>" in text:
         text = text.replace("<|image_1|>", "").strip()
     return convert_mmeb_placeholders(text, wrap_vision=style == "btoks")
 
@@ -123,8 +132,10 @@ class Embedder:
         patches = int(per_item.max())
         n = len(items)
         shards = self.mesh.devices.size if self.mesh is not None else 1
-        rows = -(-n // shards) * shards
-        if rows != n:  # pad the batch with copies of the last row so it splits over the devices
+        # Rows padded (copies of the last row) to a power of two that splits over the devices: a run over many data
+        # sets, whose last batches have every size, then compiles a few programs, not one per remainder.
+        rows = -(-_bucket(n, minimum=1) // shards) * shards
+        if rows != n:
             hf = _repeat_last(hf, rows - n)
         packed = pack(hf, self.config, num_btoks=self.num_btoks, query_len=_bucket(int(real.max())),
                       rope_convention=self.rope_convention, patch_budget=_bucket(patches, 16) if patches else 0)
@@ -147,6 +158,27 @@ class Embedder:
             bar.update(len(idx))
         bar.close()
         return out
+
+    def fingerprint(self, pooling: str = "btoks") -> str:
+        """A digest of everything that decides an embedding: the weights (per array: name, shape, dtype, sum and
+        sum of squares), the pooling, the prompt style, the M-RoPE convention and the pixel / frame budgets. Keys
+        the on-disk embedding store (`btoks_jax.evaluate.store`)."""
+        import hashlib
+
+        import flax.nnx as nnx
+
+        digest = hashlib.sha256()
+        state = nnx.state(self.model)
+        leaves = jax.tree_util.tree_leaves_with_path(state)
+        sums = jax.jit(lambda xs: [(jnp.sum(x.astype(jnp.float32)), jnp.sum(jnp.square(x.astype(jnp.float32))))
+                                   for x in xs])([leaf for _, leaf in leaves])
+        for (path, leaf), (total, squares) in zip(leaves, sums):
+            digest.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{leaf.dtype}|{float(total)!r}|"
+                          f"{float(squares)!r}\n".encode())
+        image = self.processor.image_processor
+        digest.update(f"{pooling}|{self.prompt_style}|{self.rope_convention}|{self.num_btoks}|{self.max_frames}|"
+                      f"{image.min_pixels}|{image.max_pixels}".encode())
+        return digest.hexdigest()
 
     def embed(self, texts: Sequence[str], images: Sequence[str | None] | None = None, *,
               instructions: Sequence[str] | None = None, pooling: str = "btoks", batch_size: int = 16) -> np.ndarray:
@@ -175,7 +207,7 @@ def _repeat_last(hf: dict, extra: int) -> dict:
 
 
 def is_checkpoint_dir(path: str) -> bool:
-    return os.path.isdir(checkpoint.checkpoints_dir(path))
+    return fs.isdir(checkpoint.checkpoints_dir(path))
 
 
 def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = None, step: int | None = None,
@@ -185,7 +217,7 @@ def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = Non
     btoks-jax checkpoint. `num_btoks` defaults to the number of `<|btok_i|>` tokens in the directory's
     tokenizer (the checkpoint's setting for a checkpoint), else 4."""
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
+    if not fs.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such directory")
     mesh = sharding.make_mesh(devices=jax.devices()) if shard else sharding.make_mesh(devices=jax.devices()[:1])
     if is_checkpoint_dir(directory):
@@ -198,17 +230,17 @@ def from_pretrained(directory: str | os.PathLike, *, num_btoks: int | None = Non
         style = prompt_style or meta.get("prompt_style", "vlm2vec")
         conv = meta.get("rope_convention", rope_convention)
     else:
-        if not os.path.exists(os.path.join(directory, "config.json")):
+        if not fs.exists(fs.join(directory, "config.json")):
             raise FileNotFoundError(f"{directory}: neither a Hugging Face model directory (no config.json) nor a "
                                     "btoks-jax checkpoint (no checkpoints/)")
-        cfg = from_hf_config(directory, dtype=dtype)
+        cfg = hf_config(directory, dtype=dtype)
         recorded = read_export_settings(directory)
         k = num_btoks if num_btoks is not None else (_count_btoks(directory) or 4)
         head = _read_head_config(directory)
         model = build.build(cfg, num_btoks=k, hf_dir=directory, btok_init=btok_init, mesh=mesh, head=head)
         if head is not None:
             _load_head(model.head, directory)
-        processor = Processor.from_pretrained(directory) if _has_tokenizer(directory) else Processor(load_tokenizer())
+        processor = _processor_of(directory) if _has_tokenizer(directory) else Processor(load_tokenizer())
         style = prompt_style or recorded.get("prompt_style", "vlm2vec")
         conv = recorded.get("rope_convention", rope_convention)
     model.eval()
@@ -221,31 +253,29 @@ EXPORT_SETTINGS = "btoks_jax.json"
 
 def read_export_settings(directory: str) -> dict:
     """How an exported model was trained (prompt style, M-RoPE convention), if btoks-jax exported it."""
-    path = os.path.join(directory, EXPORT_SETTINGS)
-    if not os.path.exists(path):
+    path = fs.join(directory, EXPORT_SETTINGS)
+    if not fs.exists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    return fs.read_json(path)
 
 
 def _read_head_config(directory: str):
     """The pooling head an exported directory carries (`btoks_head.json`), or None."""
     from btoks_jax.convert.hf_export import HEAD_CONFIG
 
-    path = os.path.join(directory, HEAD_CONFIG)
-    if not os.path.exists(path):
+    path = fs.join(directory, HEAD_CONFIG)
+    if not fs.exists(path):
         return None
-    with open(path) as f:
-        return build.head_config({"head": json.load(f)})
+    return build.head_config({"head": fs.read_json(path)})
 
 
 def _load_head(head, directory: str) -> None:
     """Fills the head's weights from `btoks_head.safetensors` (torch names and layout)."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     from btoks_jax.convert.hf_export import HEAD_WEIGHTS
 
-    weights = load_file(os.path.join(directory, HEAD_WEIGHTS))
+    weights = load(fs.read_bytes(fs.join(directory, HEAD_WEIGHTS)))  # a few megabytes: read whole
     expected = head.torch_state_dict()
     if set(weights) != set(expected):
         raise ValueError(f"{directory}/{HEAD_WEIGHTS}: tensors {sorted(weights)}, expected {sorted(expected)}")
@@ -264,12 +294,23 @@ def _load_head(head, directory: str) -> None:
 
 
 def _has_tokenizer(directory: str) -> bool:
-    return any(os.path.exists(os.path.join(directory, f)) for f in ("tokenizer.json", "vocab.json"))
+    return any(fs.exists(fs.join(directory, f)) for f in ("tokenizer.json", "vocab.json"))
+
+
+def _processor_of(directory: str) -> Processor:
+    """`Processor.from_pretrained` of a directory; one in a bucket has its small files copied locally first."""
+    from btoks_jax.processing.tokenizer import PROCESSOR_FILES
+
+    with fs.local_copy(directory, PROCESSOR_FILES) as local:
+        return Processor.from_pretrained(local)
 
 
 def _count_btoks(directory: str) -> int:
+    added = build.hf_added_tokens(directory)  # read once (a bucket's tokenizer.json is megabytes)
+    if added is None:
+        return 0
     k = 0
-    while build.hf_btok_ids(directory, k + 1) is not None:
+    while build.hf_btok_ids(directory, k + 1, added) is not None:
         k += 1
     return k
 

@@ -8,8 +8,6 @@ into the same `abstract_train_state`.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,19 +17,20 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from btoks_jax import checkpoint, sharding, train_step
+from btoks_jax import checkpoint, fs, sharding, train_step
 from btoks_jax.btoks import BToksModel
-from btoks_jax.convert.hf_import import load_hf_weights, path_str
+from btoks_jax.convert.hf_import import hf_config, load_hf_weights, path_str
 from btoks_jax.head import AttentionPoolingConfig
 from btoks_jax.lora import LoRAConfig, apply_lora, merge_lora
 from btoks_jax.model_config import BTOK_FIRST_ID, PRESETS, Qwen2VLConfig, from_hf_config
 
 
 def model_config(model_cfg: Mapping[str, Any]) -> Qwen2VLConfig:
-    """The architecture from `model.preset` or the `config.json` of `model.hf_dir`, plus runtime fields."""
+    """The architecture from `model.preset` or the `config.json` of `model.hf_dir` (local or gs://), plus runtime
+    fields."""
     runtime = {k: model_cfg[k] for k in ("dtype", "param_dtype", "attention_impl", "remat") if k in model_cfg}
     if model_cfg.get("hf_dir"):
-        return from_hf_config(model_cfg["hf_dir"], **runtime)
+        return hf_config(model_cfg["hf_dir"], **runtime)
     preset = model_cfg.get("preset", "tiny")
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -45,13 +44,20 @@ def model_config(model_cfg: Mapping[str, Any]) -> Qwen2VLConfig:
     return cfg
 
 
-def hf_btok_ids(directory: str, num_btoks: int) -> list[int] | None:
-    """The ids of `<|btok_0|>`..`<|btok_{K-1}|>` in a directory's tokenizer (the authors' format), or None."""
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.exists(path):
+def hf_added_tokens(directory: str) -> dict[str, int] | None:
+    """content -> id of the added tokens in a directory's `tokenizer.json` (local or gs://), or None without one."""
+    path = fs.join(directory, "tokenizer.json")
+    if not fs.exists(path):
         return None
-    with open(path) as f:
-        added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+    return {t["content"]: t["id"] for t in fs.read_json(path).get("added_tokens", [])}
+
+
+def hf_btok_ids(directory: str, num_btoks: int, added: dict[str, int] | None = None) -> list[int] | None:
+    """The ids of `<|btok_0|>`..`<|btok_{K-1}|>` in a directory's tokenizer (the authors' format), or None.
+    `added`: the directory's `hf_added_tokens`, when already read."""
+    added = hf_added_tokens(directory) if added is None else added
+    if added is None:
+        return None
     ids = [added.get(f"<|btok_{i}|>") for i in range(num_btoks)]
     if not num_btoks or any(i is None for i in ids):
         return None

@@ -4,16 +4,19 @@ A checkpoint step holds four items: `state` (step, trainable parameters, optimiz
 `frozen` (the parameters that do not train, so a checkpoint is self-contained for export),
 `data` (the input pipeline's iterator state, JSON) and `meta` (the run's config, JSON). Orbax
 writes each step into a temporary directory and renames it when complete, so a killed run never
-leaves a half-written step behind as the latest.
+leaves a half-written step behind as the latest. On `gs://` Orbax writes the arrays with tensorstore
+and marks a step complete with a commit file instead of the rename; the directory reads here go
+through `btoks_jax.fs`, so every function takes a local path or a `gs://` URL.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from btoks_jax import fs
 
 ITEMS = ("state", "frozen", "data", "meta")
 
@@ -32,11 +35,10 @@ def manager(workdir: str, *, max_to_keep: int = 3, save_every: int = 1, async_sa
 
 def checkpoints_dir(workdir: str) -> str:
     """The folder the manager keeps a run's steps in: `workdir/checkpoints`, or `workdir` when it is that folder."""
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
-    if os.path.basename(os.path.normpath(workdir)) == "checkpoints":
+    workdir = fs.absolute(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
+    if fs.basename(workdir) == "checkpoints":
         return workdir
-    return os.path.join(workdir, "checkpoints")
+    return fs.join(workdir, "checkpoints")
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict, *,
@@ -82,7 +84,7 @@ def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state, abstra
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
     """(step, the config stored with it) of `step` (default: the latest), without restoring any array."""
     root = checkpoints_dir(workdir)
-    if "://" not in root and not os.path.isdir(root):
+    if not fs.isdir(root):
         raise CheckpointError(f"{workdir}: not a btoks-jax checkpoint directory (no checkpoints/ inside)")
     mgr = manager(workdir, read_only=True, async_save=False)
     step = _complete_step(mgr, step, root)

@@ -3,6 +3,10 @@
 One top-to-bottom loop in phases: distributed set-up and mesh, model shapes and shardings, the
 model (restored from the workdir, imported from Hugging Face weights, or freshly initialised),
 data, the jitted update step, checkpoints, evaluation hooks, and the loop itself.
+
+The workdir is a local folder or a `gs://` URL (a pod's workers share one): checkpoints (Orbax),
+`metrics.jsonl` (training and evaluation rows, written by process 0 through `btoks_jax.fs.LineLog`)
+and `tensorboard/` (tensorboardX, which writes `gs://` through google-cloud-storage) all go there.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from btoks_jax import build, checkpoint, sharding, train_step
+from btoks_jax import build, checkpoint, fs, sharding, train_step
 from btoks_jax.lora import LoRAConfig
 from btoks_jax.mask import block_skip_fraction
 from btoks_jax.model_config import Qwen2VLConfig
@@ -129,8 +133,7 @@ def prepare_data(config) -> None:
 
 def _emoji_format(directory: str) -> int | None:
     try:
-        with open(os.path.join(directory, "manifest.json")) as f:
-            return json.load(f)["settings"]["format_version"]
+        return fs.read_json(fs.join(directory, "manifest.json"))["settings"]["format_version"]
     except (OSError, KeyError, ValueError):
         return None
 
@@ -166,8 +169,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from btoks_jax.processing import load_tokenizer
 
     # ---------------------------------------------------------------- distributed + mesh
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
+    workdir = fs.absolute(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
     maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
     cache_dir = enable_compilation_cache(config)
@@ -176,7 +178,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mesh = sharding.make_mesh(**_to_dict(config.mesh))
     rules = sharding.RULE_SETS[config.get("sharding_rules", "default")]
     if is_main:
-        os.makedirs(workdir, exist_ok=True)
+        fs.makedirs(workdir)
         log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
 
     # ---------------------------------------------------------------- model shapes, optimizer
@@ -262,17 +264,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     hooks = make_hooks(config.get("evals", []), tokenizer=tokenizer, meta=meta, mesh=mesh)
 
     # ---------------------------------------------------------------- loop
-    writer = None
+    writer = history = None
     if is_main:
         from tensorboardX import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        writer = SummaryWriter(fs.join(workdir, "tensorboard"))
+        history = fs.LineLog(fs.join(workdir, "metrics.jsonl"))
     total = config.total_steps
     preempt = _Preemption()
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not is_main or not config.get(
         "progress", True), dynamic_ncols=True)
     last: dict[str, Any] = {}
-    history_path = os.path.join(workdir, "metrics.jsonl")
     t0, tokens = time.perf_counter(), 0
     step = start
     try:
@@ -298,8 +300,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     for k, v in last.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, step)
-                    with open(history_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
+                    history.append_json(last)
             bar.update(1)
             for hook in hooks:
                 if hook.due(step, total):
@@ -307,8 +308,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     if is_main:
                         for k, v in scores.items():
                             writer.add_scalar(f"eval/{hook.name}/{k}".replace("@", "_at_"), v, step)
-                        with open(history_path, "a") as f:
-                            f.write(json.dumps({"step": step, "eval": hook.name, **scores}) + "\n")
+                        history.append_json({"step": step, "eval": hook.name, **scores})
             if step % config.checkpoint.every == 0 or step == total or preempt.requested:
                 checkpoint.save(mgr, step, state, frozen, data.get_state(), meta, force=True)
             if preempt.requested:

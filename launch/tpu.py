@@ -1,7 +1,13 @@
 """Run btoks training on a Cloud TPU VM slice: create it, install on every worker, train, resume after preemption.
 
     python launch/tpu.py run --accelerator-type=v5litepod-16 --project=MY_PROJECT \
-        --config=configs/btoks_2b.py --workdir=gs://MY_BUCKET/btoks/run1 --config.KEY=VALUE
+        --config=configs/qwen2vl_2b.py:data_root=/mnt/disks/data/mmeb_train --workdir=gs://MY_BUCKET/btoks/run1 \
+        --config.model.hf_dir=gs://MY_BUCKET/models/Qwen2-VL-2B-Instruct --config.KEY=VALUE
+
+The configs are configs/qwen2vl_2b.py (the 2B recipe), configs/qwen2vl_2b_v2.py (its v2 variant) and
+configs/tiny_cpu.py; the 2B ones take data_root=DIR after a colon. The workdir (checkpoints, metrics.jsonl,
+TensorBoard events) and the Hugging Face weights directory (--config.model.hf_dir) may be in Cloud Storage; the
+training data folder must be present at the same path on every worker.
 
 Subcommands: create, setup, train, logs, status, teardown, and run (= create + setup + train, re-created and resumed
 after every preemption). Each takes --dry-run, which prints the exact commands, one per line after "+ ", and runs
@@ -318,6 +324,7 @@ def cmd_setup(a: argparse.Namespace, sh: Shell) -> int:
 
 def cmd_train(a: argparse.Namespace, sh: Shell) -> int:
     note_topology(a, sh)
+    note_weights(a, sh)
     run_all(sh, train_commands(a, a.restart))
     sh.note(f"training runs in the background on every worker; workdir {a.workdir}; follow it with `logs`")
     return 0
@@ -464,6 +471,7 @@ def start(a: argparse.Namespace, sh: Shell) -> None:
 
 def cmd_run(a: argparse.Namespace, sh: Shell) -> int:
     note_topology(a, sh)
+    note_weights(a, sh)
     if a.dry_run:
         print_run_plan(a, sh)
         return 0
@@ -597,6 +605,28 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, sub.choices
 
 
+EXAMPLE_CONFIG = "configs/qwen2vl_2b.py:data_root=DIR"
+WEIGHTS_OVERRIDE = "--config.model.hf_dir="
+
+
+def check_config(config: str, root: Path) -> None:
+    """The config file (before any `:ARGS`) must exist in the checkout that the workers run."""
+    file = config.split(":", 1)[0]
+    if not (root / file).is_file():
+        known = ", ".join(sorted(str(p.relative_to(root)) for p in (root / "configs").glob("*.py"))) or "none"
+        raise UsageError("--config", f"{file} is not a file of {root} (configs there: {known})")
+
+
+def note_weights(a: argparse.Namespace, sh: Shell) -> None:
+    """The Hugging Face weights directory goes to every worker unchanged; a local path must exist on each of them."""
+    for override in a.overrides:
+        if override.startswith(WEIGHTS_OVERRIDE):
+            where = override[len(WEIGHTS_OVERRIDE):]
+            if where and not where.startswith("gs://"):
+                sh.note(f"weights from {where}: a path on the workers, which every worker must have (a gs:// "
+                        "directory is read from the bucket instead)")
+
+
 def validate(a: argparse.Namespace) -> None:
     """Fills defaults that depend on the accelerator type and checks every flag; raises UsageError."""
     needs_type = a.command in ("create", "train", "run")
@@ -656,7 +686,7 @@ def validate(a: argparse.Namespace) -> None:
             raise UsageError("--check-devices", "needs --accelerator-type (single host or multi-host)")
     if a.command in ("train", "run"):
         if not a.config:
-            raise UsageError("--config", "required: the btoks config file, e.g. configs/btoks_2b.py")
+            raise UsageError("--config", f"required: the btoks config file, e.g. {EXAMPLE_CONFIG}")
         if not a.workdir:
             raise UsageError("--workdir", "required: gs://BUCKET/PATH")
         if not a.workdir.startswith("gs://"):
@@ -671,6 +701,7 @@ def validate(a: argparse.Namespace) -> None:
         if not path.strip("/"):
             raise UsageError("--workdir", f"give a folder inside the bucket, e.g. gs://{bucket}/btoks/run1")
         a.workdir = a.workdir.rstrip("/")
+        check_config(a.config, REPO_ROOT if getattr(a, "repo", None) or a.command == "train" else a.source)
         for item in a.env:
             key, eq, _ = item.partition("=")
             if not eq or not ENV_KEY_RE.fullmatch(key):

@@ -23,7 +23,10 @@ import tpu  # noqa: E402
 
 PROJECT = "--project=btoks-test"
 WORKDIR = "gs://btoks-bucket/runs/exp1"
-TRAIN_FLAGS = ["--config=configs/btoks_2b.py", f"--workdir={WORKDIR}", "--config.total_steps=5000", "--config.lr=5e-5"]
+CONFIG = "configs/qwen2vl_2b.py:data_root=/mnt/disks/data/mmeb_train"
+WEIGHTS = "gs://btoks-bucket/models/Qwen2-VL-2B-Instruct"
+TRAIN_FLAGS = [f"--config={CONFIG}", f"--workdir={WORKDIR}", "--config.total_steps=5000",
+               "--config.optim.learning_rate=5e-5", f"--config.model.hf_dir={WEIGHTS}"]
 # (accelerator type, workers, runtime version, default zone)
 SLICES = [
     ("v5litepod-16", 4, "v2-alpha-tpuv5-lite", "us-west4-a"),
@@ -161,7 +164,7 @@ def test_train_starts_on_every_worker_in_the_background(capsys, accelerator_type
     script = script_of(ssh)
     assert "setsid nohup bash -c" in script and "< /dev/null &" in script
     assert f">> {tpu.REMOTE_LOG} 2>&1" in script
-    job = shlex.join(["train", "--config", "configs/btoks_2b.py", "--workdir", WORKDIR, *TRAIN_FLAGS[2:]])
+    job = shlex.join(["train", "--config", CONFIG, "--workdir", WORKDIR, *TRAIN_FLAGS[2:]])
     assert f'"$HOME/btoks_venv/bin/btoks" {job}; echo $?' in shlex.split(script.split("setsid nohup bash -c ")[1])[0]
     assert ("BTOKS_DISTRIBUTED=1" in script) == (workers > 1)
     assert "FOO='a b'" in script
@@ -277,6 +280,68 @@ def test_every_subcommand_dry_runs_as_a_script_without_gcloud(tmp_path, args):
     assert any(line.startswith("+ gcloud ") for line in lines)
 
 
+# The placeholders of the documentation, and values that pass the launcher's checks.
+PLACEHOLDERS = {"MY_PROJECT": "my-project", "MY_BUCKET": "my-bucket", " --config.KEY=VALUE": ""}
+
+
+def documented_commands() -> list[list[str]]:
+    """Every `python launch/tpu.py ...` command of launch/README.md and of tpu.py's docstring (continuation lines
+    joined, trailing comments dropped, placeholders filled in)."""
+    commands = []
+    for text in ((LAUNCH / "README.md").read_text(), tpu.__doc__):
+        for line in text.replace("\\\n", " ").splitlines():
+            _, found, command = line.partition("python launch/tpu.py ")
+            if found and not command.startswith("logs --name={"):
+                command = command.split(" #")[0].split("`")[0]
+                for placeholder, value in PLACEHOLDERS.items():
+                    command = command.replace(placeholder, value)
+                commands.append(shlex.split(command))
+    return commands
+
+
+def load_config(spec: str):
+    """configs/NAME.py[:ARG] as `btoks train --config` loads it."""
+    import importlib.util
+
+    file, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("launch_config", LAUNCH.parent / file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def test_documented_commands_run_and_their_configs_load(capsys):
+    commands = documented_commands()
+    assert {argv[0] for argv in commands} >= {"run", "create", "setup", "train", "logs", "status", "teardown"}
+    configs = set()
+    for argv in commands:
+        cli(capsys, *argv, *([] if "--dry-run" in argv else ["--dry-run"]))
+        config = flag(argv, "--config")
+        if config is None:
+            continue
+        configs.add(config.split(":")[0])
+        loaded = load_config(config)
+        for override in (arg for arg in argv if arg.startswith("--config.")):
+            key, _, value = override[len("--config."):].partition("=")
+            node = loaded
+            for part in key.split("."):
+                assert part in node, f"{override}: {config} has no {key}"
+                node = node[part]
+            if key == "model.hf_dir":
+                assert value.startswith("gs://"), override  # the workers read the weights from the bucket
+    assert configs == {"configs/qwen2vl_2b.py", "configs/qwen2vl_2b_v2.py"}
+    assert load_config("configs/tiny_cpu.py:runlocal").total_steps == 4  # the smoke test the README names
+
+
+def test_the_weights_directory_reaches_every_worker(capsys):
+    (ssh,), notes = cli(capsys, "train", "--accelerator-type=v6e-16", *TRAIN_FLAGS, "--dry-run")
+    assert f"--config.model.hf_dir={WEIGHTS}" in shlex.split(script_of(ssh).split("setsid nohup bash -c ")[1])[0]
+    assert not [note for note in notes if "weights from" in note]
+    local = [*TRAIN_FLAGS[:-1], "--config.model.hf_dir=/models/Qwen2-VL-2B-Instruct"]
+    _, notes = cli(capsys, "run", "--accelerator-type=v6e-16", *local, "--dry-run")
+    assert "weights from /models/Qwen2-VL-2B-Instruct: a path on the workers, which every worker must have" in notes[1]
+
+
 def test_missing_gcloud_is_a_clear_error(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path))
     proc = subprocess.run(
@@ -309,6 +374,10 @@ def test_missing_gcloud_is_a_clear_error(tmp_path):
         (["train", "--accelerator-type=v4-8", "--config=c.py", "--workdir=/b/x"], "--workdir:"),
         (["train", "--accelerator-type=v4-8", "--config=c.py", "--workdir=gs://Bad_Bucket/x"], "--workdir:"),
         (["train", "--accelerator-type=v4-8", "--config=c.py", "--workdir=gs://bucket"], "--workdir: give a folder"),
+        (["train", "--accelerator-type=v4-8", "--config=configs/btoks_2b.py", f"--workdir={WORKDIR}"],
+         "--config: configs/btoks_2b.py is not a file of"),
+        (["run", "--accelerator-type=v4-8", "--config=configs/nope.py:data_root=x", f"--workdir={WORKDIR}"],
+         "configs there: configs/qwen2vl_2b.py, configs/qwen2vl_2b_v2.py, configs/tiny_cpu.py"),
         (["train", "--accelerator-type=v4-8", *TRAIN_FLAGS, "--env=NOVALUE"], "--env:"),
         (["train", "--accelerator-type=v4-8", *TRAIN_FLAGS, "--config.lr"], "--config.lr: config overrides take"),
         (["run", "--accelerator-type=v4-8", *TRAIN_FLAGS, "--max-restarts=-1"], "--max-restarts:"),

