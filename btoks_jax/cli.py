@@ -82,14 +82,40 @@ def _embed(args) -> int:
 def _eval(args) -> int:
     import btoks_jax
     from btoks_jax.evaluate import mmeb
-    from btoks_jax.evaluate.run import evaluate_folder
 
-    model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks)
+    if bool(args.data) == bool(args.mmeb_v2):
+        raise ValueError("give exactly one of --data (a folder of MMEB-V2-format rows) and --mmeb-v2 (the download "
+                         "root of the published MMEB-V2 sets)")
+    from btoks_jax import fs
+
+    if not args.out and fs.is_remote(args.model):
+        raise ValueError(f"--model {args.model} is in object storage: give a local --out for the score files")
+    model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks,
+                                      prompt_style=args.prompt_style or None)
     fn = lambda items: model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size,  # noqa: E731
                                          progress=False)
     datasets = args.datasets.split(",") if args.datasets else None
     out = args.out or os.path.join(args.model, f"eval_{args.pooling}")
     os.makedirs(out, exist_ok=True)
+    if args.mmeb_v2:
+        from btoks_jax.evaluate.run import evaluate_mmeb_v2
+        from btoks_jax.evaluate.store import EmbeddingStore
+
+        name = args.model_name or os.path.basename(os.path.normpath(args.model))
+        cache = Path(args.cache_dir or os.path.join(out, "cache"))
+        store = None if args.no_cache else EmbeddingStore(cache / "embeddings", model.fingerprint(args.pooling))
+        summary = evaluate_mmeb_v2(fn, args.mmeb_v2, out, style=model.prompt_style, media_dir=cache / "media",
+                                   store=store, datasets=datasets, batch_size=args.batch_size, max_rows=args.max_rows,
+                                   overwrite=args.overwrite, model_name=name)
+        print(mmeb.format_summary(summary))
+        if summary["missing"]:
+            print(f"{len(summary['missing'])} of the 78 data sets were not found under {args.mmeb_v2}:")
+            for name, why in summary["missing"].items():
+                print(f"  {name}: {why}")
+        print(f"scores written to {out} (leaderboard JSON: {os.path.join(out, name + '.json')})")
+        return 0
+    from btoks_jax.evaluate.run import evaluate_folder
+
     summary = evaluate_folder(fn, args.data, out_dir=out, datasets=datasets, batch_size=args.batch_size,
                               max_rows=args.max_rows)
     print(mmeb.format_summary(summary))
@@ -113,6 +139,26 @@ def _data(args) -> int:
 
     paths = build_emoji_dataset(args.out, seed=args.seed)
     print(f"emoji data set in {paths.root}")
+    return 0
+
+
+def _data_prepare(args) -> int:
+    from btoks_jax.data.mmeb_prepare import prepare
+
+    out = args.prepare_out or args.root
+    report = prepare(args.root, out, prompt_style=args.prompt_style, only=args.only or None, caps=args.caps,
+                     mmeb_split=args.mmeb_split, negatives=args.negatives, tfds=args.tfds,
+                     overwrite=args.overwrite, progress=None if args.progress else False)
+    entries = report["manifest"]["datasets"]
+    for name in report["prepared"] + report["skipped"]:
+        entry = entries[name]
+        skipped = ", ".join(f"{n} {why}" for why, n in entry["rows_skipped"].items())
+        state = "prepared" if name in report["prepared"] else "already prepared"
+        print(f"{name}: {entry['rows_written']} rows ({state}{'; skipped ' + skipped if skipped else ''})")
+    for name, why in report["missing"].items():
+        print(f"{name}: missing ({why})")
+    print(f"{len(report['prepared']) + len(report['skipped'])} data sets in {out} (prompt style "
+          f"{args.prompt_style}); manifest: {os.path.join(out, 'manifest.json')}")
     return 0
 
 
@@ -140,8 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="evaluate on an MMEB-V2-format folder")
     v.add_argument("--model", required=True)
-    v.add_argument("--data", required=True, help="folder of MMEB-V2-format .jsonl/.parquet files")
-    v.add_argument("--datasets", default="", help="comma-separated subset (default: every file)")
+    v.add_argument("--data", default="", help="folder of MMEB-V2-format .jsonl/.parquet files")
+    v.add_argument("--mmeb-v2", default="", metavar="ROOT",
+                   help="download root of the published MMEB-V2 sets (ROOT/<owner>/<name>/, see the README): "
+                        "scores every one of the 78 found and says which are missing")
+    v.add_argument("--datasets", default="", help="comma-separated subset (default: every file / all 78)")
+    v.add_argument("--prompt-style", choices=("", "btoks", "vlm2vec"), default="",
+                   help="surface form of the prompts (default: the model's training style)")
+    v.add_argument("--cache-dir", default="", help="--mmeb-v2: embedding store and extracted pages "
+                                                   "(default: OUT/cache)")
+    v.add_argument("--no-cache", action="store_true", help="--mmeb-v2: do not read or write the embedding store")
+    v.add_argument("--overwrite", action="store_true", help="--mmeb-v2: recompute existing score files")
+    v.add_argument("--model-name", default="", help="--mmeb-v2: name in the leaderboard JSON (default: the "
+                                                    "model folder's name)")
     v.add_argument("--out", default="", help="where score files go (default: MODEL/eval_POOLING)")
     v.add_argument("--pooling", choices=("btoks", "last"), default="btoks")
     v.add_argument("--batch-size", type=int, default=32)
@@ -159,10 +216,35 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(fn=_export)
 
-    d = sub.add_parser("data", help="build the embedded emoji data set")
+    d = sub.add_parser("data", help="training data: `prepare` the published downloads, or build the embedded "
+                                    "`emoji` set (the default)")
     d.add_argument("--out", default="")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_data)
+    dsub = d.add_subparsers(dest="data_command")
+    de = dsub.add_parser("emoji", help="build the embedded emoji data set")
+    de.add_argument("--out", default="")
+    de.add_argument("--seed", type=int, default=0)
+    de.set_defaults(fn=_data)
+    dp = dsub.add_parser("prepare", help="the published training downloads (ROOT/<owner>/<name>/) -> one "
+                                         "<name>.jsonl a data set of the mixture (the downloads: "
+                                         "btoks_jax/data/mmeb_prepare.py)")
+    dp.add_argument("--root", required=True, help="download root: ROOT/<owner>/<name>/ as `hf download` leaves it")
+    dp.add_argument("--out", dest="prepare_out", metavar="OUT", default="", help="where the files go (default: ROOT)")
+    dp.add_argument("--prompt-style", choices=("btoks", "vlm2vec"), default="btoks",
+                    help="surface form of the texts: the authors' (default) or VLM2Vec's")
+    dp.add_argument("--only", default="", help="comma-separated data sets (default: all 25)")
+    dp.add_argument("--caps", default="none", help="first-N source rows: none (default, the authors'), vlm2vec "
+                                                   "(VLM2Vec's train_alltasks.yaml) and/or NAME=N, comma-separated")
+    dp.add_argument("--mmeb-split", choices=("auto", "train", "original", "diverse_instruction"), default="auto",
+                    help="MMEB-train parquet (default: train where present, as the authors, else original)")
+    dp.add_argument("--negatives", choices=("authors", "all", "none"), default="authors",
+                    help="MMEB-train negatives (default: kept where the authors keep them)")
+    dp.add_argument("--tfds", action="store_true", help="also build the ArrayRecord copy of each set in OUT/tfds")
+    dp.add_argument("--overwrite", action="store_true", help="prepare again the data sets already prepared")
+    dp.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="a progress bar per data set when stderr is a terminal")
+    dp.set_defaults(fn=_data_prepare)
 
     m = sub.add_parser("main", help="the demo: train BToks and last-token baselines on emoji data, compare")
     m.add_argument("--workdir", default="runs/main")

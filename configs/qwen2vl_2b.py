@@ -10,7 +10,9 @@ Arguments (after the colon): data_root=DIR (MMEB-train folder: one `<subset>.jso
 per data set, images and frames under it), gic_whole_run (lambda = 5 for all 5000 steps, the
 authors' other presets; default: the main preset's first 2000 steps), chunk=N (GradCache chunk in
 global rows, default 128 = 8 rows per chip on 16 chips; a memory choice, the loss is exact whatever
-the chunk), runlocal (the same code paths at CPU size, see `shrink_to_local`), steps=N (runlocal).
+the chunk), runlocal (the same code paths at CPU size, see `shrink_to_local`), steps=N (runlocal),
+mixture=emoji|mmeb (runlocal: the embedded emoji mixture, data_root naming where it is built, or the published
+mixture prepared by `btoks data prepare` under data_root, e.g. its miniature test fixtures).
 
 The mixture is the VLM2Vec-V2 one with the authors' weights and generated sides; a data set missing
 under data_root fails loudly.
@@ -40,7 +42,7 @@ EXTRA = [
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, data_root="", gic_whole_run=False, chunk=128, runlocal=False, steps=8)
+    a = parse_arg(arg, data_root="", gic_whole_run=False, chunk=128, runlocal=False, steps=8, mixture="emoji")
     c = base_config()
     c.seed = 42
     c.total_steps = 5000
@@ -84,15 +86,17 @@ def get_config(arg=None):
     c.data.datasets = [dict(name=n, path=os.path.join(root, f"{n}.jsonl"), image_root=root, weight=w, ntp_side=side)
                        for n, side, w in MMEB_TRAIN + EXTRA]
     c.checkpoint = dict(every=250, keep=3, async_save=True)
+    if a.mixture not in ("emoji", "mmeb"):
+        raise ValueError(f"configs/qwen2vl_2b.py: mixture must be emoji or mmeb, got {a.mixture!r}")
     if a.runlocal:
-        shrink_to_local(c, steps=a.steps, data_dir=a.data_root)
+        shrink_to_local(c, steps=a.steps, data_dir=a.data_root, mixture=a.mixture)
     elif not root:
         raise ValueError("configs/qwen2vl_2b.py needs data_root=DIR (the MMEB-train folder), e.g. "
                          "--config configs/qwen2vl_2b.py:data_root=/data/mmeb_train")
     return c
 
 
-def shrink_to_local(c, *, steps: int = 8, data_dir: str = "") -> None:
+def shrink_to_local(c, *, steps: int = 8, data_dir: str = "", mixture: str = "emoji") -> None:
     """The recipe at CPU size: only sizes and durations shrink, every code path stays the recipe's (bf16
     compute over float32 masters, remat, DoRA with dropout, GradCache chunks, the lambda window, the
     chunk-token-mean GIC reduction, a mixture whose sets generate different sides, the attention kernel).
@@ -101,9 +105,15 @@ def shrink_to_local(c, *, steps: int = 8, data_dir: str = "") -> None:
     positive; built on first use in `data_dir`, default $BTOKS_DATA_DIR or ~/.cache/btoks_jax/emoji), batch 16
     in GradCache chunks of 8, one bucket, 8 steps with warm-up and the lambda window scaled from 100 and
     2000 of 5000 steps, a checkpoint every 4 steps.
+
+    mixture="mmeb" keeps the recipe's own 25-set mixture, read from `data_dir` as `btoks data prepare` writes it
+    (the miniature fixtures in CI), with budgets that hold its longest prompts (VisRAG's instructions, 8-frame
+    videos) in two buckets.
     """
     from btoks_jax.train_config import default_data_dir, emoji_datasets
 
+    if mixture == "mmeb" and not data_dir:
+        raise ValueError("configs/qwen2vl_2b.py:runlocal,mixture=mmeb needs data_root=DIR (a prepared mixture)")
     data_dir = data_dir or default_data_dir()
 
     scale = steps / c.total_steps
@@ -114,11 +124,15 @@ def shrink_to_local(c, *, steps: int = 8, data_dir: str = "") -> None:
     if c.step.ntp_until_step is not None:
         c.step.ntp_until_step = max(1, round(c.step.ntp_until_step * scale))
     c.step.chunk_size = 8
-    c.data.prepare, c.data.prepare_dir = "emoji", data_dir
-    c.data.datasets = emoji_datasets(data_dir)
     c.data.global_batch_size, c.data.subbatch_size = 16, 8
-    c.data.buckets = ((32, 64),)
-    c.data.target_len, c.data.target_buckets = 32, (32,)
+    if mixture == "mmeb":
+        c.data.buckets = ((96, 128), (192, 256))
+        c.data.target_len, c.data.target_buckets = 128, (32, 128)
+    else:
+        c.data.prepare, c.data.prepare_dir = "emoji", data_dir
+        c.data.datasets = emoji_datasets(data_dir)
+        c.data.buckets = ((32, 64),)
+        c.data.target_len, c.data.target_buckets = 32, (32,)
     c.data.image_max_pixels = 84 * 84
     c.data.image_min_pixels = 28 * 28
     c.data.video_min_pixels, c.data.video_max_pixels = 28 * 28, 56 * 56

@@ -95,14 +95,26 @@ def test_short_lists_count_missing_ranks_as_misses():
     assert got["hit@10"] == 1.0 and got["ndcg_linear@10"] == 1.0
 
 
-def test_global_chunking_does_not_change_results(monkeypatch):
+def test_blocked_top_k_equals_the_dense_ranking(tmp_path):
     rng = np.random.default_rng(0)
-    queries, corpus = rng.normal(size=(23, 6)), rng.normal(size=(17, 6))
-    qrels = [{int(i): float(rng.integers(1, 3)) for i in rng.choice(17, 3, replace=False)} for _ in range(23)]
-    whole = metrics.global_ranking_metrics(queries, corpus, qrels)
-    monkeypatch.setattr(metrics, "_MAX_SORT_ENTRIES", 40)  # 2 queries per chunk
-    chunked = metrics.global_ranking_metrics(queries, corpus, qrels)
-    assert chunked == pytest.approx(whole, abs=1e-12)
+    queries, corpus = rng.normal(size=(23, 6)), rng.normal(size=(37, 6))
+    corpus[5] = corpus[30] = corpus[2]  # exact ties across corpus blocks, broken by grade then index
+    qrels = [{int(i): float(rng.integers(1, 3)) for i in rng.choice(37, 3, replace=False)} for _ in range(23)]
+    qrels[0] = {30: 1.0, 11: 2.0}
+    dense = np.zeros((23, 37))
+    for q, rels in enumerate(qrels):
+        for i, g in rels.items():
+            dense[q, i] = g
+    want = metrics.rank_top_k(metrics.cosine_scores(queries, corpus), dense, 10)
+    got = metrics.blocked_top_k(queries, corpus, qrels, 10, query_block=4, corpus_block=5)
+    np.testing.assert_array_equal(got, want)
+    whole = metrics.ranking_metrics(metrics.cosine_scores(queries, corpus), dense)
+    blocked = metrics.global_ranking_metrics(queries, corpus, qrels, query_block=4, corpus_block=5)
+    assert blocked == pytest.approx(whole, abs=1e-12)
+    # A memory-mapped corpus is read block by block.
+    np.save(tmp_path / "corpus.npy", corpus)
+    mapped = np.load(tmp_path / "corpus.npy", mmap_mode="r")
+    assert metrics.global_ranking_metrics(queries, mapped, qrels, corpus_block=8) == pytest.approx(whole, abs=1e-12)
 
 
 def test_invalid_inputs_raise():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import io
+import json
 import logging
 import os
 import re
@@ -124,12 +125,14 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
         `<|image_pad|>`) or "mmeb" (the files' `<|image_1|>` kept).
       check_files: verify that every image / frame file exists (decoding is checked when a row is used).
     Raises:
-      ValueError naming the file, the 1-based row number and the field of the first bad row.
+      ValueError naming the file, the 1-based row number and the field of the first bad row, or, for a file
+      written by `btoks data prepare` in the other prompt style, naming both styles (`check_prepared_style`).
     """
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
     rows = []
     for file in source_files(path):
+        check_prepared_style(file, prompt_style)
         root = Path(image_root) if image_root is not None else file.parent
         stripped = 0
         for number, record in iter_records(file):
@@ -170,21 +173,67 @@ def parse_record(record: Any, image_root: Path, source: str, *, check_files: boo
 
 
 def btoks_canonical_text(side: Side) -> str:
-    """The authors' training text of a side (MMEB_FORMATS.md 1.1, "B"): `<|image_1|>\n{body}\n` with media,
-    `{body}\n` without, the bare placeholder for media with no text; body = the text without its placeholder,
-    stripped of surrounding whitespace."""
-    body = _IMAGE_PLACEHOLDER.sub("", _VIDEO_PLACEHOLDER.sub("", side.text)).strip()
+    """The authors' training text of a side (MMEB_FORMATS.md 1.1, "B"): `<|image_1|>\n{body}\n` when the text
+    starts with its placeholder, `{body}\n` without media, the bare placeholder for media with no text (followed
+    by the newline the text ends with, if any: the authors' image-only VisDial negative is `<|image_1|>\n`);
+    body = the text without its placeholders, stripped of surrounding whitespace. A placeholder inside the text
+    stays where it is (the authors' text-to-video positive `Understand the content of the provided video:
+    <|video_1|>\n`). The form is a fixed point: texts already in it (what `btoks data prepare` writes) come back
+    unchanged."""
     token = "<|video_1|>" if side.video is not None else "<|image_1|>" if side.image is not None else ""
     if not token:
-        return f"{body}\n"
-    return f"{token}\n{body}\n" if body else token
+        return f"{_strip_placeholders(side.text).strip()}\n"
+    text = side.text.strip()
+    if not text.startswith(token):
+        return f"{text}\n"
+    body = _strip_placeholders(text[len(token):]).strip()
+    if body:
+        return f"{token}\n{body}\n"
+    return f"{token}\n" if side.text.rstrip(" \t").endswith("\n") else token
+
+
+def _strip_placeholders(text: str) -> str:
+    return _IMAGE_PLACEHOLDER.sub("", _VIDEO_PLACEHOLDER.sub("", text))
+
+
+# Written beside the data set files by `btoks data prepare` (btoks_jax/data/mmeb_prepare.py).
+PREPARED_MANIFEST = "manifest.json"
+
+
+def check_prepared_style(file: str | os.PathLike, prompt_style: str) -> None:
+    """Refuses a data set file that `btoks data prepare` wrote in another prompt style than `prompt_style`.
+
+    The texts of a prepared file are in the surface form of one style (`--prompt-style`), so reading them in
+    the other would train on a mixture of both. The check reads the `manifest.json` beside the file (if any)
+    and nothing else; files without one, and reading in style "mmeb" (the form the ArrayRecord copy stores),
+    are not checked. Raises ValueError naming the file and both styles.
+    """
+    file = Path(file)
+    manifest = file.parent / PREPARED_MANIFEST
+    if prompt_style == "mmeb" or not manifest.is_file():
+        return
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8")).get("datasets") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # not a manifest of ours
+    for name, entry in entries.items() if isinstance(entries, dict) else ():
+        if not isinstance(entry, dict) or entry.get("file") != file.name:
+            continue
+        style = entry.get("prompt_style")
+        if style and style != prompt_style:
+            raise ValueError(
+                f"{file}: data set {name!r} was prepared in prompt style {style!r} (see {manifest}), but the "
+                f"training config's data.prompt_style is {prompt_style!r}; set data.prompt_style={style!r}, or "
+                f"prepare the data again with `btoks data prepare --prompt-style {prompt_style}` into another "
+                f"--out folder")
 
 
 def apply_prompt_style(row: TrainRow, prompt_style: str) -> TrainRow:
     """The row with its MMEB placeholders turned into Qwen2-VL vision pads (identity for "mmeb").
 
-    "btoks" first puts every side in the authors' canonical form (`btoks_canonical_text`), then wraps the
-    pads in `<|vision_start|>..<|vision_end|>`; "vlm2vec" keeps VLM2Vec's text as is, with bare pads.
+    "btoks" first puts every side in the authors' canonical form (`btoks_canonical_text`, which leaves texts
+    already in that form as they are), then wraps the pads in `<|vision_start|>..<|vision_end|>`; "vlm2vec"
+    keeps VLM2Vec's text as is, with bare pads.
     """
     if prompt_style == "mmeb":
         return row

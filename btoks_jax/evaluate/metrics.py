@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 DEFAULT_KS = (1, 5, 10)
-# Rows of the [Q, N] score matrix sorted at once in global ranking, sized to keep the sort under ~16M entries.
-_MAX_SORT_ENTRIES = 1 << 24
 
 
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -168,36 +166,83 @@ def global_ranking_metrics(
     corpus_embeddings: np.ndarray,
     qrels: Sequence[int | Sequence[int] | Mapping[int, float]],
     ks=DEFAULT_KS,
+    *,
+    query_block: int = 1024,
+    corpus_block: int = 16384,
 ) -> dict[str, float]:
-    """Each query ranked against the whole (deduplicated) corpus.
+    """Each query ranked against the whole (deduplicated) corpus, by blocked top-k.
+
+    No [Q, N] matrix exists: queries go in blocks of `query_block` and, for each, the corpus in blocks of
+    `corpus_block`; only the best max(ks) candidates of each query survive from one corpus block to the next
+    (ordered as `rank_top_k` orders them, ties included), so memory is O(query_block x corpus_block) whatever
+    the corpus size, and the result equals a dense ranking exactly.
 
     Args:
       query_embeddings: float[Q, D].
-      corpus_embeddings: float[N, D].
+      corpus_embeddings: float[N, D] (a NumPy array or memmap; read block by block).
       qrels: per query, the relevant corpus rows: one index or a sequence of indices (binary relevance), or a
         mapping index -> grade (graded relevance).
       ks: cut-offs.
+      query_block, corpus_block: block sizes (memory only; results do not depend on them).
     """
     query_embeddings = np.asarray(query_embeddings)
-    corpus_embeddings = np.asarray(corpus_embeddings)
     num_queries, num_corpus = query_embeddings.shape[0], corpus_embeddings.shape[0]
     if num_queries == 0 or num_corpus == 0:
         raise ValueError(f"need queries and a corpus, got {num_queries} queries and {num_corpus} candidates")
     if len(qrels) != num_queries:
         raise ValueError(f"{num_queries} queries but {len(qrels)} qrels entries")
+    if query_block < 1 or corpus_block < 1:
+        raise ValueError(f"block sizes must be >= 1, got {query_block} and {corpus_block}")
     relevance_rows = [_qrels_to_dict(entry, num_corpus, q) for q, entry in enumerate(qrels)]
-    chunk = max(1, _MAX_SORT_ENTRIES // max(num_corpus, 1))
-    parts, weights = [], []
-    # Queries are scored in chunks so the [Q, N] matrices of a large corpus never exist at once.
-    for start in range(0, num_queries, chunk):
-        stop = min(start + chunk, num_queries)
-        grades = np.zeros((stop - start, num_corpus))
-        for row, rels in enumerate(relevance_rows[start:stop]):
-            for index, grade in rels.items():
-                grades[row, index] = grade
-        parts.append(ranking_metrics(cosine_scores(query_embeddings[start:stop], corpus_embeddings), grades, ks))
-        weights.append(stop - start)
-    return {key: float(np.average([p[key] for p in parts], weights=weights)) for key in parts[0]}
+    top = blocked_top_k(query_embeddings, corpus_embeddings, relevance_rows, max(ks), query_block=query_block,
+                        corpus_block=corpus_block)
+    ranked = np.array([[rels.get(int(i), 0.0) for i in row] for rels, row in zip(relevance_rows, top)])
+    # Only the count of relevant items and their grades matter beyond the top k: a compact [Q, R] table.
+    width = max(len(rels) for rels in relevance_rows)
+    grades = np.zeros((num_queries, max(width, 1)))
+    for q, rels in enumerate(relevance_rows):
+        grades[q, : len(rels)] = list(rels.values())
+    return metrics_from_ranking(ranked.reshape(num_queries, -1), grades, ks)
+
+
+def blocked_top_k(query_embeddings: np.ndarray, corpus_embeddings: np.ndarray,
+                  relevance: Sequence[Mapping[int, float]], k: int, *, query_block: int = 1024,
+                  corpus_block: int = 16384) -> np.ndarray:
+    """int[Q, min(k, N)]: the k best corpus rows per query by cosine similarity, best first, without a [Q, N] matrix.
+
+    The order is `rank_top_k`'s (score descending, then relevance ascending, then index ascending), so the result
+    is the dense ranking's top k exactly. `relevance[q]` maps corpus rows to grades (absent = 0).
+    """
+    query_embeddings = np.asarray(query_embeddings)
+    num_queries, num_corpus = query_embeddings.shape[0], corpus_embeddings.shape[0]
+    k = min(k, num_corpus)
+    out = np.zeros((num_queries, k), np.int64)
+    for q0 in range(0, num_queries, query_block):
+        queries = query_embeddings[q0 : q0 + query_block]
+        rows = relevance[q0 : q0 + query_block]
+        best_score = np.full((len(queries), 0), -np.inf)
+        best_grade = np.zeros((len(queries), 0))
+        best_index = np.zeros((len(queries), 0), np.int64)
+        for c0 in range(0, num_corpus, corpus_block):
+            block = np.asarray(corpus_embeddings[c0 : c0 + corpus_block])
+            scores = cosine_scores(queries, block)
+            grades = np.zeros_like(scores)
+            for r, rels in enumerate(rows):
+                for index, grade in rels.items():
+                    if c0 <= index < c0 + block.shape[0]:
+                        grades[r, index - c0] = grade
+            index = np.broadcast_to(np.arange(c0, c0 + block.shape[0]), scores.shape)
+            score = np.concatenate([best_score, scores], axis=1)
+            grade = np.concatenate([best_grade, grades], axis=1)
+            index = np.concatenate([best_index, index], axis=1)
+            if np.isnan(score).any():
+                raise ValueError("scores contain NaN")
+            order = np.lexsort((index, grade, -score), axis=-1)[:, :k]
+            best_score = np.take_along_axis(score, order, axis=1)
+            best_grade = np.take_along_axis(grade, order, axis=1)
+            best_index = np.take_along_axis(index, order, axis=1)
+        out[q0 : q0 + len(queries)] = best_index
+    return out
 
 
 def _qrels_to_dict(entry, num_corpus: int, query: int) -> dict[int, float]:

@@ -210,10 +210,13 @@ class EmbeddingCache:
     belongs to one model state: make a new one after the weights change.
     """
 
-    def __init__(self, embed_fn: EmbedFn, batch_size: int = 32, progress: bool = True):
+    def __init__(self, embed_fn: EmbedFn, batch_size: int = 32, progress: bool = True, store=None):
+        """`store`: an optional `btoks_jax.evaluate.store.EmbeddingStore`; items found there are not embedded,
+        and what is embedded is added to it."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.embed_fn, self.batch_size, self.progress = embed_fn, batch_size, progress
+        self.embed_fn, self.batch_size, self.progress, self.store = embed_fn, batch_size, progress, store
+        self.embedded = 0  # items embedded by embed_fn (not read from the store)
         self._rows: dict[Item, int] = {}
         self._blocks: list[np.ndarray] = []
         self._table: np.ndarray | None = None  # the blocks stacked, rebuilt lazily after new ones arrive
@@ -227,20 +230,28 @@ class EmbeddingCache:
     def __call__(self, items: Sequence[Item], desc: str = "embed") -> np.ndarray:
         """float32[len(items), D], rows in the order of `items` (duplicates allowed)."""
         missing = list(dict.fromkeys(item for item in items if item not in self._rows))
+        keys = {}
+        if self.store is not None and missing:
+            keys = {item: self.store.key(item) for item in missing}
+            stored = self.store.get(list(keys.values()))
+            found = [item for item in missing if keys[item] in stored]
+            if found:
+                self._add(found, np.stack([stored[keys[item]] for item in found]))
+                missing = [item for item in missing if keys[item] not in stored]
         missing.sort(key=lambda item: ("text", "image", "video").index(item.kind))  # stable: first-seen order
         batches = [missing[i : i + self.batch_size] for i in range(0, len(missing), self.batch_size)]
         for batch in tqdm(batches, desc=desc, unit="batch", disable=not self.progress or not batches):
             embeddings = np.asarray(self.embed_fn(batch), dtype=np.float32)
             if embeddings.ndim != 2 or embeddings.shape[0] != len(batch):
                 raise ValueError(f"embed_fn returned shape {embeddings.shape} for {len(batch)} items; want [B, D]")
-            if self._blocks and embeddings.shape[1] != self._blocks[0].shape[1]:
-                raise ValueError(f"embed_fn changed width: {embeddings.shape[1]} vs {self._blocks[0].shape[1]}")
             if not np.isfinite(embeddings).all():
                 raise ValueError(f"embed_fn returned NaN or Inf (first item: {batch[0]})")
-            for item in batch:
-                self._rows[item] = len(self._rows)
-            self._blocks.append(embeddings)
-            self._table = None
+            self._add(batch, embeddings)
+            self.embedded += len(batch)
+            if self.store is not None:
+                self.store.put([keys[item] for item in batch], embeddings)
+        if self.store is not None:
+            self.store.flush()
         if not items:
             width = self._blocks[0].shape[1] if self._blocks else 0
             return np.zeros((0, width), np.float32)
@@ -248,6 +259,14 @@ class EmbeddingCache:
             self._table = np.concatenate(self._blocks)
             self._blocks = [self._table]
         return self._table[[self._rows[item] for item in items]]
+
+    def _add(self, items: Sequence[Item], embeddings: np.ndarray) -> None:
+        if self._blocks and embeddings.shape[1] != self._blocks[0].shape[1]:
+            raise ValueError(f"embedding width changed: {embeddings.shape[1]} vs {self._blocks[0].shape[1]}")
+        for item in items:
+            self._rows[item] = len(self._rows)
+        self._blocks.append(np.asarray(embeddings, np.float32))
+        self._table = None
 
 
 def evaluate_dataset(rows: Sequence[EvalRow], embed_fn: EmbedFn | EmbeddingCache, ranking: str = "local",

@@ -8,6 +8,7 @@ known there, else ranking is local. Scores are written per data set as VLM2Vec's
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,3 +65,91 @@ def evaluate_folder(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], data_
     if out_dir is not None:
         mmeb.write_summary(Path(out_dir) / "summary.json", summary)
     return summary
+
+
+# ===================================== MMEB-V2 in its published layouts =====================================
+
+
+def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root: str | os.PathLike,
+                     out_dir: str | os.PathLike, *, style: str, media_dir: str | os.PathLike,
+                     store=None, datasets: Sequence[str] | None = None, batch_size: int = 16,
+                     max_rows: int | None = None, overwrite: bool = False, model_name: str = "btoks-jax",
+                     progress: bool = True, log=print) -> dict:
+    """Scores every MMEB-V2 data set found under `root` (the layout of `btoks_jax.evaluate.published.common`).
+
+    Writes VLM2Vec's files: `out_dir/<image|video|visdoc>/<Dataset>_score.json` per data set (an existing one is
+    reused unless `overwrite`, so an interrupted run resumes where it stopped), the leaderboard JSON its reporter
+    (`experiments/report_score_v2.py`) writes, `out_dir/<model_name>.json`, and `out_dir/summary.json` with the
+    meta-task / modality / Overall means and the list of missing data sets.
+
+    Args:
+      embed_fn: `embed_fn(items) -> float[B, D]`.
+      root: the download root.
+      out_dir: where the score files go.
+      style: prompt style of the readers' surface forms ("vlm2vec" or "btoks"; the model's own).
+      media_dir: where inline images (document pages) are written once.
+      store: an `EmbeddingStore` shared by all data sets (candidates embedded once, across runs too).
+      datasets: only these names (default: all 78).
+      max_rows: first rows of each data set only (a partial score, for smoke runs).
+    Returns:
+      the summary, with "missing" = {name: why} for the sets not found.
+    """
+    from btoks_jax.evaluate import published
+
+    loaders = published.loaders()
+    names = list(loaders)
+    if datasets:
+        unknown = [mmeb.canonical_name(d) for d in datasets if mmeb.canonical_name(d) not in loaders]
+        if unknown:
+            raise ValueError(f"not MMEB-V2 data sets: {unknown}")
+        wanted = {mmeb.canonical_name(d) for d in datasets}
+        names = [n for n in names if n in wanted]
+    out_dir, media_dir = Path(out_dir), Path(media_dir)
+    cache = mmeb.EmbeddingCache(embed_fn, batch_size, progress, store=store)
+    scores, missing = {}, {}
+    for name in names:
+        spec = mmeb.MMEB_V2_BY_NAME[name]
+        path = out_dir / spec.modality / f"{name}_score.json"
+        if path.is_file() and not overwrite:
+            with open(path, encoding="utf-8") as f:
+                scores[name] = json.load(f)
+            log(f"{name}: reusing {path}")
+            continue
+        try:
+            task = loaders[name](Path(root), style, media_dir)
+        except published.MissingData as err:
+            missing[name] = str(err)
+            continue
+        if task.ranking != spec.ranking:
+            raise RuntimeError(f"{name}: the reader ranks {task.ranking}, the MMEB-V2 map says {spec.ranking}")
+        rows = task.rows[:max_rows] if max_rows else task.rows
+        before = cache.embedded
+        scores[name] = mmeb.evaluate_dataset(rows, cache, task.ranking, corpus=task.corpus, progress=progress,
+                                             name=name)
+        mmeb.write_score_file(path.parent, name, scores[name])
+        log(f"{name}: {spec.metric} {100 * scores[name][spec.metric]:.2f} ({len(rows)} queries, "
+            f"{len(task.corpus)} corpus items, {cache.embedded - before} items embedded)")
+    summary = mmeb.summarize(scores)
+    summary["missing"] = missing
+    mmeb.write_summary(out_dir / "summary.json", summary)
+    mmeb.write_summary(out_dir / f"{model_name}.json", leaderboard(scores, model_name))
+    return summary
+
+
+# The reporter's file-level gaps and its renaming of the two re-paged OOD sets (report_score_v2.py).
+_NOT_FOUND = "FILE_N/A"
+_REPORTER_RENAMES = {"ViDoSeek-page": "ViDoSeek-page-fixed", "MMLongBench-page": "MMLongBench-page-fixed"}
+
+
+def leaderboard(scores: dict[str, dict], model_name: str) -> dict:
+    """The JSON VLM2Vec's `report_score_v2.py` writes: metadata, then metrics by modality, each of the reporter's
+    data sets mapped to its score dict or "FILE_N/A"."""
+    import datetime
+
+    metrics: dict[str, dict] = {"image": {}, "video": {}, "visdoc": {}}
+    for spec in mmeb.MMEB_V2_DATASETS:
+        key = _REPORTER_RENAMES.get(spec.name, spec.name) if spec.modality == "visdoc" else spec.name
+        metrics[spec.modality][key] = scores.get(spec.name, _NOT_FOUND)
+    return {"metadata": {"model_name": model_name,
+                         "report_generated_date": datetime.datetime.now().isoformat()},
+            "metrics": metrics}
