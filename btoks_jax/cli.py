@@ -36,13 +36,19 @@ def _train(argv: list[str]) -> int:
 
 
 def _read_embed_rows(path: str):
-    """JSONL rows {text, image?, video?, instruction?, id?} -> Items; media paths relative to the file. A video is a
-    folder of frames or a list of frame paths. Read with the MMEB readers' field readers and error format."""
+    """JSONL rows {text, image?, video?, instruction?, id?} -> Items; media paths relative to the file (local or a
+    `gs://` URL). A video is a folder of frames or a list of frame paths. Read with the MMEB readers' field readers
+    and error format."""
+    from btoks_jax import fs
     from btoks_jax.data.media import RowError, image_path, iter_records, string_field, video_frames
     from btoks_jax.evaluate.mmeb import Item
 
-    file = Path(path)
-    base = file.resolve().parent
+    if fs.is_remote(path):
+        file, base = path, fs.dirname(path)
+    else:
+        file = Path(path)
+        base = file.resolve().parent
+    files = fs.FileIndex()
     items = []
     for n, row in iter_records(file):
         source = f"{path}: row {n}"
@@ -54,8 +60,8 @@ def _read_embed_rows(path: str):
         try:
             text = string_field(row, "text", required=False)
             inst = string_field(row, "instruction", required=False)
-            image = image_path(string_field(row, "image", required=False) or None, base, "image")
-            video = video_frames(row.get("video"), base, "video")
+            image = image_path(string_field(row, "image", required=False) or None, base, "image", files=files)
+            video = video_frames(row.get("video"), base, "video", files=files)
         except RowError as err:
             raise err.at(source) from None
         if not text and not inst and image is None and video is None:
@@ -72,9 +78,18 @@ def _embed(args) -> int:
     items = _read_embed_rows(args.input)
     model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks)
     vectors = model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size, progress=True)
-    tmp = args.output + ".tmp.npy"
-    np.save(tmp, vectors)
-    os.replace(tmp, args.output)
+    from btoks_jax import fs
+
+    if fs.is_remote(args.output):  # one PUT: readers see no object or the whole file
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        fs.write_bytes_atomic(args.output, buffer.getvalue())
+    else:
+        tmp = args.output + ".tmp.npy"
+        np.save(tmp, vectors)
+        os.replace(tmp, args.output)
     print(f"wrote {vectors.shape[0]} embeddings of dimension {vectors.shape[1]} to {args.output}")
     return 0
 
@@ -88,23 +103,24 @@ def _eval(args) -> int:
                          "root of the published MMEB-V2 sets)")
     from btoks_jax import fs
 
-    if not args.out and fs.is_remote(args.model):
-        raise ValueError(f"--model {args.model} is in object storage: give a local --out for the score files")
     model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks,
                                       prompt_style=args.prompt_style or None)
     fn = lambda items: model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size,  # noqa: E731
                                          progress=False)
     datasets = args.datasets.split(",") if args.datasets else None
-    out = args.out or os.path.join(args.model, f"eval_{args.pooling}")
-    os.makedirs(out, exist_ok=True)
+    # A model in a bucket keeps its scores there too (object storage needs no folder made).
+    out = args.out or fs.join(args.model, f"eval_{args.pooling}")
+    fs.makedirs(out)
     if args.mmeb_v2:
         from btoks_jax.evaluate.run import evaluate_mmeb_v2
         from btoks_jax.evaluate.store import EmbeddingStore
 
-        name = args.model_name or os.path.basename(os.path.normpath(args.model))
-        cache = Path(args.cache_dir or os.path.join(out, "cache"))
-        store = None if args.no_cache else EmbeddingStore(cache / "embeddings", model.fingerprint(args.pooling))
-        summary = evaluate_mmeb_v2(fn, args.mmeb_v2, out, style=model.prompt_style, media_dir=cache / "media",
+        name = args.model_name or fs.basename(args.model)
+        cache = fs.as_path(args.cache_dir or fs.join(out, "cache"))
+        store = None if args.no_cache else EmbeddingStore(fs.joinpath(cache, "embeddings"),
+                                                          model.fingerprint(args.pooling))
+        summary = evaluate_mmeb_v2(fn, args.mmeb_v2, out, style=model.prompt_style,
+                                   media_dir=fs.joinpath(cache, "media"),
                                    store=store, datasets=datasets, batch_size=args.batch_size, max_rows=args.max_rows,
                                    overwrite=args.overwrite, model_name=name)
         print(mmeb.format_summary(summary))
@@ -112,7 +128,7 @@ def _eval(args) -> int:
             print(f"{len(summary['missing'])} of the 78 data sets were not found under {args.mmeb_v2}:")
             for name, why in summary["missing"].items():
                 print(f"  {name}: {why}")
-        print(f"scores written to {out} (leaderboard JSON: {os.path.join(out, name + '.json')})")
+        print(f"scores written to {out} (leaderboard JSON: {fs.join(out, name + '.json')})")
         return 0
     from btoks_jax.evaluate.run import evaluate_folder
 
@@ -199,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--overwrite", action="store_true", help="--mmeb-v2: recompute existing score files")
     v.add_argument("--model-name", default="", help="--mmeb-v2: name in the leaderboard JSON (default: the "
                                                     "model folder's name)")
-    v.add_argument("--out", default="", help="where score files go (default: MODEL/eval_POOLING)")
+    v.add_argument("--out", default="", help="where score files go, a folder or gs:// URL (default: "
+                                             "MODEL/eval_POOLING, in the bucket for a gs:// model)")
     v.add_argument("--pooling", choices=("btoks", "last"), default="btoks")
     v.add_argument("--batch-size", type=int, default=32)
     v.add_argument("--max-rows", type=int, default=None)

@@ -31,7 +31,9 @@ For readers of data files the same calls cover every kind of source: `.jsonl` th
 `.parquet` through `pyarrow.parquet.read_table(open(p, "rb"))`, images through
 `PIL.Image.open(open(p, "rb"))`, frame folders through `listdir` / `glob`, and `join` / `basename`
 for relative media paths. Pass URLs as strings (or `epath.Path`): `pathlib.Path("gs://b/x")`
-collapses the `//` into a local path `gs:/b/x`.
+collapses the `//` into a local path `gs:/b/x`. Code written for `pathlib` keeps its local behaviour with
+`as_path` / `joinpath` / `parent`, which give a `Path` for a local path and the string for a URL. A reader that
+checks that thousands of media files exist uses a `FileIndex` (one listing per folder, not one request per file).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import IO, Any
 
 PathLike = str | os.PathLike
@@ -80,6 +84,22 @@ def path(p: PathLike):
     from etils import epath
 
     return epath.Path(_str(p))
+
+
+def as_path(p: PathLike) -> Path | str:
+    """`p` for code that takes paths apart: a local path as a `pathlib.Path` (what such code did before URLs), a
+    URL as its string (a `Path` would turn `gs://b/x` into `gs:/b/x`)."""
+    return _str(p) if is_remote(p) else Path(p)
+
+
+def joinpath(base: PathLike, *parts: str) -> Path | str:
+    """`base / part / ...` in the type `as_path` gives: `Path.joinpath` for a local path, `join` for a URL."""
+    return join(base, *parts) if is_remote(base) else Path(base).joinpath(*parts)
+
+
+def parent(p: PathLike) -> Path | str:
+    """The folder of `p` in the type `as_path` gives: `Path(p).parent` locally, `dirname` for a URL."""
+    return dirname(p) if is_remote(p) else Path(p).parent
 
 
 def join(base: PathLike, *parts: str) -> str:
@@ -146,6 +166,20 @@ def size(p: PathLike) -> int:
     return int(fsys.size(inner))
 
 
+def version(p: PathLike) -> tuple:
+    """A value that changes when a file's content does: (size, mtime in ns) locally; for an object (size, its
+    generation, or the ETag / MD5 where the store reports no generation). FileNotFoundError if there is none."""
+    if not is_remote(p):
+        stat = os.stat(p)
+        return (stat.st_size, stat.st_mtime_ns)
+    fsys, inner = _remote(p)
+    info = fsys.info(inner)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(f"{p}: a folder, not a file")
+    tag = info.get("generation") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or ""
+    return (int(info.get("size") or 0), str(tag))
+
+
 def listdir(p: PathLike) -> list[str]:
     """The names directly inside a folder (files and sub-folders), sorted. FileNotFoundError if there is none."""
     if not is_remote(p):
@@ -157,6 +191,21 @@ def listdir(p: PathLike) -> list[str]:
     if not names and fsys.isfile(inner):
         raise NotADirectoryError(f"{p}: a file, not a folder")
     return sorted(n for n in names if n)
+
+
+def listfiles(p: PathLike) -> list[str]:
+    """The names of the files directly inside a folder (no sub-folders), sorted; for a URL one listing (a request
+    per thousand names). FileNotFoundError if there is no such folder."""
+    if not is_remote(p):
+        return sorted(n for n in os.listdir(p) if os.path.isfile(os.path.join(p, n)))
+    fsys, inner = _remote(p)
+    inner = inner.rstrip("/")
+    entries = fsys.ls(inner, detail=True)
+    names = {posixpath.basename(e["name"].rstrip("/")) for e in entries
+             if e.get("type") == "file" and e["name"].rstrip("/") != inner}
+    if not names and not entries:
+        raise FileNotFoundError(f"{p}: no such folder")
+    return sorted(names)
 
 
 def glob(pattern: PathLike) -> list[str]:
@@ -182,6 +231,41 @@ def walk_files(p: PathLike) -> list[str]:
     if not fsys.isdir(inner):
         return []
     return sorted(f[len(inner) + 1:] for f in fsys.find(inner) if f.startswith(inner + "/") and not f.endswith("/"))
+
+
+class FileIndex:
+    """`isfile` for the many media files of a data set: for URLs each folder is listed once (one request per
+    thousand names) and its file names kept, instead of one request per file; local paths ask the OS each time.
+
+    A reader that checks every image of a data set before it starts makes one per read (the listing is a
+    snapshot of that moment); safe to share between threads.
+    """
+
+    def __init__(self):
+        self._names: dict[str, frozenset[str]] = {}
+        self._lock = threading.Lock()
+
+    def isfile(self, p: PathLike) -> bool:
+        p = _str(p)
+        if not is_remote(p):
+            return os.path.isfile(p)
+        if p.endswith("/"):
+            return False
+        folder, name = posixpath.split(p)
+        with self._lock:
+            names = self._names.get(folder)
+        if names is None:
+            names = self._list(folder)
+            with self._lock:
+                self._names[folder] = names
+        return name in names
+
+    @staticmethod
+    def _list(folder: str) -> frozenset[str]:
+        try:
+            return frozenset(listfiles(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return frozenset()
 
 
 # ============================================================================== reading and writing
@@ -313,8 +397,14 @@ def copy(src: PathLike, dst: PathLike) -> None:
 
 def copy_tree(src: PathLike, dst: PathLike, names: Iterable[str] | None = None) -> list[str]:
     """Copies every file under `src` (or only `names`, relative paths) to the same place under `dst`; returns
-    the relative paths copied."""
+    the relative paths copied. A local tree going to a URL is uploaded in concurrent batches (fsspec's `put` of
+    the file lists); in every other direction file by file."""
     rels = list(names) if names is not None else walk_files(src)
+    if rels and not is_remote(src) and is_remote(dst):
+        fsys, _ = _remote(dst)
+        fsys.put([os.path.join(_str(src), *rel.split("/")) for rel in rels],
+                 [_remote(join(dst, *rel.split("/")))[1] for rel in rels])
+        return rels
     for rel in rels:
         target = join(dst, *rel.split("/"))
         if not is_remote(target):
@@ -441,7 +531,8 @@ def append_line(p: PathLike, line: str) -> None:
     LineLog(p).append(line)
 
 
-__all__ = ["LineLog", "absolute", "append_line", "basename", "copy", "copy_tree", "dirname", "exists", "glob",
-           "is_remote", "isdir", "isfile", "join", "listdir", "local_copy", "makedirs", "open", "path",
-           "publish_dir", "read_bytes", "read_json", "read_text", "remove", "rmtree", "size", "staging_dir",
-           "walk_files", "write_bytes", "write_bytes_atomic", "write_text", "write_text_atomic"]
+__all__ = ["FileIndex", "LineLog", "absolute", "append_line", "as_path", "basename", "copy", "copy_tree", "dirname",
+           "exists", "glob", "is_remote", "isdir", "isfile", "join", "joinpath", "listdir", "listfiles", "local_copy",
+           "makedirs", "open", "parent", "path", "publish_dir", "read_bytes", "read_json", "read_text", "remove",
+           "rmtree", "size", "staging_dir", "version", "walk_files", "write_bytes", "write_bytes_atomic", "write_text",
+           "write_text_atomic"]

@@ -154,7 +154,7 @@ def _pick(d: dict[str, Any], cls: type, aliases: dict[str, str] | None = None) -
 
 
 def from_hf_config(source: str | os.PathLike | dict[str, Any], **runtime: Any) -> Qwen2VLConfig:
-    """Builds a config from a Hugging Face `config.json` (a path, a directory or a dict).
+    """Builds a config from a Hugging Face `config.json` (a path, a directory or a dict; local or a URL).
 
     Reads both layouts in the wild: the flat one of the published Qwen2-VL checkpoints (text fields
     at the top level, `rope_scaling.mrope_section`) and the nested one that transformers 5.x writes
@@ -163,11 +163,12 @@ def from_hf_config(source: str | os.PathLike | dict[str, Any], **runtime: Any) -
     if isinstance(source, dict):
         d = source
     else:
+        from btoks_jax import fs
+
         path = os.fspath(source)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            d = json.load(f)
+        if fs.isdir(path):
+            path = fs.join(path, "config.json")
+        d = json.loads(fs.read_text(path))
     if d.get("model_type") not in (None, "qwen2_vl"):
         raise ValueError(f"expected a qwen2_vl config, got model_type={d.get('model_type')!r}")
     text_d = dict(d)

@@ -123,6 +123,13 @@ def prepare_data(config) -> None:
     from btoks_jax.data.emoji_dataset import FORMAT_VERSION, build_emoji_dataset
 
     # A folder that already holds a data set of this format (whatever its other settings) is used as it is.
+    directory = config.data.prepare_dir
+    if fs.is_remote(directory):  # every process checks, so that none waits for a build that never comes
+        if _emoji_format(directory) != FORMAT_VERSION:
+            raise ValueError(f"{directory}: holds no emoji data set of format {FORMAT_VERSION}; the trainer builds "
+                             "it only into a local folder: build it with `btoks data --out DIR` and copy it there "
+                             f"(`gcloud storage cp -r 'DIR/*' {directory}/`)")
+        return
     if jax.process_index() == 0 and _emoji_format(config.data.prepare_dir) != FORMAT_VERSION:
         build_emoji_dataset(config.data.prepare_dir)
     if jax.process_count() > 1:

@@ -61,7 +61,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def emoji_datasets(data_dir: str, tasks=tuple(EMOJI_TASKS)) -> list[dict]:
-    return [dict(name=t, path=os.path.join(data_dir, f"{t}_train.jsonl"), image_root=data_dir, weight=1.0,
+    """The mixture of the emoji data set's training files in `data_dir` (a local folder or a `gs://` URL)."""
+    from btoks_jax import fs
+
+    return [dict(name=t, path=fs.join(data_dir, f"{t}_train.jsonl"), image_root=data_dir, weight=1.0,
                  ntp_side=EMOJI_TASKS[t]) for t in tasks]
 
 

@@ -7,6 +7,8 @@ pointed at it (`GcsEmulator.env`):
 
 * tensorstore (Orbax's array writes): TENSORSTORE_GCS_HTTP_URL, GOOGLE_AUTH_TOKEN_FOR_TESTING (a dummy
   bearer token instead of a credential lookup);
+* google-cloud-cpp (array_record's reader of ArrayRecord files on `gs://`): CLOUD_STORAGE_EMULATOR_ENDPOINT
+  (it then sends no credentials);
 * gcsfs (btoks_jax.fs, and etils.epath, i.e. Orbax's file operations) and google-cloud-storage
   (tensorboardX's event writer): STORAGE_EMULATOR_HOST; FSSPEC_GCS_TOKEN=anon (no credential lookup); and
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: gcsfs otherwise asks the gRPC Storage Control API for each bucket's
@@ -76,6 +78,7 @@ class GcsEmulator:
         return {
             "STORAGE_EMULATOR_HOST": self.url,
             "TENSORSTORE_GCS_HTTP_URL": self.url,
+            "CLOUD_STORAGE_EMULATOR_ENDPOINT": self.url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
             "FSSPEC_GCS_TOKEN": "anon",
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",

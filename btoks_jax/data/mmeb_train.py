@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from btoks_jax.data.media import RowError, image_path, iter_records, string_field, video_frames
+from btoks_jax import fs
+from btoks_jax.data.media import RowError, image_path, is_url, iter_records, string_field, video_frames
 from btoks_jax.processing import (
     IMAGE_TOKEN,
     PROMPT_STYLES,
@@ -50,8 +51,11 @@ class DatasetSpec:
     """One training data set of the mixture.
 
     path: for format "mmeb" a `.jsonl` / `.parquet` file or a glob of shards (read in sorted order); for
-      "tfds" the `data_dir` written by `btoks_jax.data.tfds_mmeb.build_tfds` (its config name is `name`).
-    image_root: folder the rows' relative image / frame paths start from (default: the file's folder).
+      "tfds" the `data_dir` written by `btoks_jax.data.tfds_mmeb.build_tfds` (its config name is `name`). A local
+      path or a `gs://` URL (read through `btoks_jax.fs`; ArrayRecord files by the reader's own Cloud Storage
+      client).
+    image_root: folder the rows' relative image / frame paths start from (default: the file's folder); local or
+      a URL, independently of `path`.
     weight: sampling weight of the data set's sub-batches.
     ntp_side: which side the generative loss decodes (PAPER.md section 4): "positive" (the query's BToks
       generate the positive text), "query", "both" or "none".
@@ -93,17 +97,19 @@ class TrainRow:
 # ===================================== reading =====================================
 
 
-def source_files(path: str | os.PathLike) -> list[Path]:
-    """The files a spec's path names: one file, or the sorted matches of a glob."""
+def source_files(path: str | os.PathLike) -> list[Path | str]:
+    """The files a spec's path names: one file, or the sorted matches of a glob. Local files as `Path`s, files
+    of a URL (`gs://BUCKET/train/*.jsonl`) as URL strings."""
     text = os.fspath(path)
+    remote = is_url(text)
     if glob.has_magic(text):
-        files = sorted(Path(p) for p in glob.glob(text))
+        files = fs.glob(text) if remote else sorted(Path(p) for p in glob.glob(text))
         if not files:
             raise FileNotFoundError(f"no files match {text}")
         return files
-    if not Path(text).is_file():
+    if not (fs.isfile(text) if remote else Path(text).is_file()):
         raise FileNotFoundError(f"MMEB-train file not found: {text}")
-    return [Path(text)]
+    return [text if remote else Path(text)]
 
 
 def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
@@ -113,14 +119,14 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
     Required fields: `qry`, `qry_image_path`, `pos_text`, `pos_image_path` (strings; "" or null for no
     image); optional `neg_text`, `neg_image_path`, and `{qry,pos,neg}_video_path` (a folder of frame images
     or a list of frame paths) for frame-based rows. Image paths are relative to `image_root` (default: the
-    file's folder). As in the reference code, a side whose text holds an image placeholder but which has no
-    image loses the placeholder (WebQA queries; logged), and a side with an image but no text becomes the
-    bare placeholder (VisDial negatives). A side with text and media but no placeholder, or with no content
-    at all, is an error.
+    file's folder); files and media may be local or in object storage (`gs://`). As in the reference code, a
+    side whose text holds an image placeholder but which has no image loses the placeholder (WebQA queries;
+    logged), and a side with an image but no text becomes the bare placeholder (VisDial negatives). A side with
+    text and media but no placeholder, or with no content at all, is an error.
 
     Args:
-      path: a file or a glob of shards.
-      image_root: folder the relative media paths start from.
+      path: a file or a glob of shards (local, or a URL such as `gs://BUCKET/train/*.jsonl`).
+      image_root: folder the relative media paths start from (local or a URL).
       prompt_style: "btoks" (`<|vision_start|><|image_pad|><|vision_end|>`), "vlm2vec" (a bare
         `<|image_pad|>`) or "mmeb" (the files' `<|image_1|>` kept).
       check_files: verify that every image / frame file exists (decoding is checked when a row is used).
@@ -131,14 +137,18 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
     if prompt_style not in PROMPT_STYLES:
         raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
     rows = []
+    files = fs.FileIndex()  # media existence: one listing per folder of a URL instead of a request per file
     for file in source_files(path):
         check_prepared_style(file, prompt_style)
-        root = Path(image_root) if image_root is not None else file.parent
+        if image_root is not None:
+            root = fs.as_path(image_root)
+        else:
+            root = fs.parent(file)
         stripped = 0
         for number, record in iter_records(file):
             source = f"{file}: row {number}"
             try:
-                row, n = parse_record(record, root, source, check_files=check_files)
+                row, n = parse_record(record, root, source, check_files=check_files, files=files)
             except RowError as err:
                 raise err.at(source) from None
             stripped += n
@@ -148,9 +158,11 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
     return rows
 
 
-def parse_record(record: Any, image_root: Path, source: str, *, check_files: bool = True) -> tuple[TrainRow, int]:
+def parse_record(record: Any, image_root: Path | str, source: str, *, check_files: bool = True,
+                 files: fs.FileIndex | None = None) -> tuple[TrainRow, int]:
     """One record -> (row with MMEB placeholders, number of placeholders dropped from sides without media).
 
+    `image_root`: a local folder or a URL; `files`: an index answering the media existence checks.
     Raises `RowError(field, message)`.
     """
     if not isinstance(record, dict):
@@ -159,8 +171,8 @@ def parse_record(record: Any, image_root: Path, source: str, *, check_files: boo
     for name, (text_field, image_field, video_field) in FIELDS.items():
         required = name != "negative"
         text = string_field(record, text_field, required)
-        image = image_path(string_field(record, image_field, required), image_root, image_field, check_files)
-        video = video_frames(record.get(video_field), image_root, video_field, check_files)
+        image = image_path(string_field(record, image_field, required), image_root, image_field, check_files, files)
+        video = video_frames(record.get(video_field), image_root, video_field, check_files, files)
         text, n = _check_placeholders(text, image, video, text_field)
         if not text.strip() and image is None and video is None:
             if required:
@@ -206,18 +218,18 @@ def check_prepared_style(file: str | os.PathLike, prompt_style: str) -> None:
     The texts of a prepared file are in the surface form of one style (`--prompt-style`), so reading them in
     the other would train on a mixture of both. The check reads the `manifest.json` beside the file (if any)
     and nothing else; files without one, and reading in style "mmeb" (the form the ArrayRecord copy stores),
-    are not checked. Raises ValueError naming the file and both styles.
+    are not checked. `file` may be a URL. Raises ValueError naming the file and both styles.
     """
-    file = Path(file)
-    manifest = file.parent / PREPARED_MANIFEST
-    if prompt_style == "mmeb" or not manifest.is_file():
+    file = fs.as_path(file)
+    manifest = fs.joinpath(fs.parent(file), PREPARED_MANIFEST)
+    if prompt_style == "mmeb" or not fs.isfile(manifest):
         return
     try:
-        entries = json.loads(manifest.read_text(encoding="utf-8")).get("datasets") or {}
+        entries = json.loads(fs.read_text(manifest)).get("datasets") or {}
     except (OSError, ValueError, AttributeError):
         return  # not a manifest of ours
     for name, entry in entries.items() if isinstance(entries, dict) else ():
-        if not isinstance(entry, dict) or entry.get("file") != file.name:
+        if not isinstance(entry, dict) or entry.get("file") != fs.basename(file):
             continue
         style = entry.get("prompt_style")
         if style and style != prompt_style:
@@ -276,8 +288,8 @@ def _check_placeholders(text: str, image, video, field: str) -> tuple[str, int]:
 
 
 def decode_image(media: Media) -> np.ndarray:
-    """uint8[H, W, 3]: a file opened as `processing.load_image` opens files (EXIF orientation, then RGB),
-    and encoded bytes the same way, so a row read back from ArrayRecord gives identical pixels."""
+    """uint8[H, W, 3]: a file (local or a URL) opened as `processing.load_image` opens files (EXIF orientation,
+    then RGB), and encoded bytes the same way, so a row read back from ArrayRecord gives identical pixels."""
     if isinstance(media, bytes):
         with Image.open(io.BytesIO(media)) as opened:
             return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
@@ -285,7 +297,8 @@ def decode_image(media: Media) -> np.ndarray:
 
 
 def load_media(row: TrainRow, side: str) -> tuple[list[np.ndarray] | None, list[list[np.ndarray]] | None]:
-    """Decoded (images, videos) of one side of a row, as `Processor` takes them (None where absent).
+    """Decoded (images, videos) of one side of a row, as `Processor` takes them (None where absent). Files in
+    object storage are read here, so in the training pipeline they are read by its worker threads.
 
     Raises ValueError naming the row's file, row number and media field when a file cannot be decoded.
     """

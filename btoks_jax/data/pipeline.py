@@ -161,7 +161,8 @@ class MixtureSchedule:
 
 
 def open_rows(spec: DatasetSpec, prompt_style: str, check_files: bool = True) -> Sequence[TrainRow]:
-    """Random access to a data set's rows: a list for JSONL / parquet, a grain MapDataset over ArrayRecord."""
+    """Random access to a data set's rows: a list for JSONL / parquet, a grain MapDataset over ArrayRecord; local
+    paths or `gs://` URLs."""
     if spec.format == "tfds":
         from btoks_jax.data.tfds_mmeb import read_tfds  # tensorflow-datasets is imported only when used
 
@@ -314,6 +315,11 @@ class TrainBatchIterator:
     look-ahead, and batches them; packing runs on the calling thread, because its static shapes (the
     bucket) need the longest side of the *global* batch: each process's needs go through `agree`
     (default: `allgather_max` when process_count > 1), so all processes pick the same bucket.
+
+    Data in object storage (`gs://` paths in the specs): every process reads all rows' text and checks their media
+    once when the iterator is built (the order is global, so any process may need any row; one listing per media
+    folder), then reads only the images / frames of its own positions, each in the read thread that processes
+    the sample, `prefetch_batches` batches ahead of the step (ArrayRecord records likewise, one by one).
 
     State: `get_state()` is a small JSON-able dict holding the next step; `set_state` restarts the grain
     iterator at that step, so the following batches equal an uninterrupted run's (also after a change of

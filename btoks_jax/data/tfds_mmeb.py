@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import ClassVar
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
+from btoks_jax import fs
 from btoks_jax.data.mmeb_train import Side, TrainRow, apply_prompt_style, read_mmeb_train
 from btoks_jax.processing import PROMPT_STYLES
 
@@ -74,8 +74,8 @@ def _side_features() -> tfds.features.FeaturesDict:
 def _encode_side(side: Side | None) -> dict:
     if side is None:
         return {"text": "", "image": [], "video": []}
-    return {"text": side.text, "image": [] if side.image is None else [Path(side.image).read_bytes()],
-            "video": [Path(frame).read_bytes() for frame in side.video or ()]}
+    return {"text": side.text, "image": [] if side.image is None else [fs.read_bytes(side.image)],
+            "video": [fs.read_bytes(frame) for frame in side.video or ()]}
 
 
 def build_tfds(source: str | os.PathLike, name: str, data_dir: str | os.PathLike,

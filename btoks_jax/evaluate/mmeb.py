@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from btoks_jax import fs
 from btoks_jax.data.media import (
     RowError,
     first_present,
@@ -136,26 +137,27 @@ def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None =
     `tgt_video_path` / `tgt_frame_paths` (one such entry per candidate).
 
     Args:
-      path: the file.
-      data_dir: folder the relative media paths start from (default: the file's folder).
-      check_files: verify that every image / frame exists.
+      path: the file (local, or a URL such as `gs://BUCKET/eval/x_test.jsonl`).
+      data_dir: folder the relative media paths start from (default: the file's folder); local or a URL.
+      check_files: verify that every image / frame exists (for URLs: one listing per folder).
     Raises:
       ValueError naming the file, the 1-based row number and the field of the first bad row.
     """
-    path = Path(path)
-    data_dir = Path(data_dir) if data_dir is not None else path.parent
+    path = fs.as_path(path)
+    data_dir = fs.as_path(data_dir) if data_dir is not None else fs.parent(path)
+    files = fs.FileIndex()
     rows = []
     for number, record in iter_records(path):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
         try:
-            rows.append(_parse_row(record, data_dir, check_files))
+            rows.append(_parse_row(record, data_dir, check_files, files))
         except RowError as err:
             raise err.at(f"{path}: row {number}") from None
     return rows
 
 
-def _parse_row(record: dict, data_dir: Path, check_files: bool) -> EvalRow:
+def _parse_row(record: dict, data_dir: Path | str, check_files: bool, files: fs.FileIndex | None = None) -> EvalRow:
     texts = string_list_field(record, "tgt_text", required=True)
     if not texts:
         raise RowError("tgt_text", "empty candidate list")
@@ -169,15 +171,15 @@ def _parse_row(record: dict, data_dir: Path, check_files: bool) -> EvalRow:
         raise RowError(video_field, f"expected a list of {num} frame folders / frame lists")
     tgt_inst = string_field(record, "tgt_inst")
     candidates = tuple(
-        Item(text=text or "", image=image_path(image, data_dir, "tgt_img_path", check_files),
-             video=video_frames(video, data_dir, video_field, check_files), instruction=tgt_inst)
+        Item(text=text or "", image=image_path(image, data_dir, "tgt_img_path", check_files, files),
+             video=video_frames(video, data_dir, video_field, check_files, files), instruction=tgt_inst)
         for text, image, video in zip(texts, images, videos)
     )
     qry_video_field, qry_video = first_present(record, "qry_video_path", "qry_frame_paths")
     query = Item(text=string_field(record, "qry_text"),
                  image=image_path(string_field(record, "qry_img_path", required=False), data_dir, "qry_img_path",
-                                  check_files),
-                 video=video_frames(qry_video, data_dir, qry_video_field, check_files),
+                                  check_files, files),
+                 video=video_frames(qry_video, data_dir, qry_video_field, check_files, files),
                  instruction=string_field(record, "qry_inst"))
     if query.text == "" and query.image is None and query.video is None and query.instruction == "":
         raise RowError("qry_text", "the query has no text, image or video")
@@ -329,22 +331,28 @@ def _merge_duplicates(items: Sequence[Item], grades: Sequence[float]) -> dict[It
 # ===================================== score files and the summary =====================================
 
 
-def write_score_file(out_dir: str | os.PathLike, dataset: str, scores: Mapping[str, float]) -> Path:
-    """Writes `{out_dir}/{dataset}_score.json` (VLM2Vec's name and layout) atomically; returns its path."""
-    path = Path(out_dir) / f"{dataset}_score.json"
+def write_score_file(out_dir: str | os.PathLike, dataset: str, scores: Mapping[str, float]) -> Path | str:
+    """Writes `{out_dir}/{dataset}_score.json` (VLM2Vec's name and layout) atomically; returns its path (a URL
+    string when `out_dir` is one)."""
+    path = fs.joinpath(out_dir, f"{dataset}_score.json")
     _write_json_atomic(path, dict(scores))
     return path
 
 
 def load_score_files(directory: str | os.PathLike) -> dict[str, dict[str, float]]:
-    """Reads every `*_score.json` below `directory` (VLM2Vec nests them by modality); keys are canonical names."""
+    """Reads every `*_score.json` below `directory` (local or a URL; VLM2Vec nests them by modality); keys are
+    canonical names."""
+    if fs.is_remote(directory):
+        paths = [fs.join(directory, *rel.split("/")) for rel in fs.walk_files(directory)
+                 if fs.basename(rel).endswith("_score.json")]
+    else:
+        paths = sorted(Path(directory).rglob("*_score.json"))
     scores = {}
-    for path in sorted(Path(directory).rglob("*_score.json")):
-        name = canonical_name(path.name[: -len("_score.json")])
+    for path in sorted(paths):
+        name = canonical_name(fs.basename(path)[: -len("_score.json")])
         if name in scores:
             raise ValueError(f"two score files for {name} under {directory}")
-        with open(path, encoding="utf-8") as f:
-            scores[name] = json.load(f)
+        scores[name] = json.loads(fs.read_text(path))
     return scores
 
 
@@ -390,8 +398,9 @@ def summarize(scores: Mapping[str, Mapping[str, float]], extra_metric: str = "hi
     }
 
 
-def write_summary(path: str | os.PathLike, summary: Mapping) -> Path:
-    path = Path(path)
+def write_summary(path: str | os.PathLike, summary: Mapping) -> Path | str:
+    """Writes the summary JSON (a local path or a URL) atomically; returns its path."""
+    path = fs.as_path(path)
     _write_json_atomic(path, dict(summary))
     return path
 
@@ -415,7 +424,13 @@ def format_summary(summary: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def _write_json_atomic(path: Path | str, payload: dict) -> None:
+    """Readers see the old file or the new one: locally a temporary file renamed over it, on object storage one
+    PUT (`fs.write_text_atomic`)."""
+    if fs.is_remote(path):
+        fs.write_text_atomic(path, json.dumps(payload, indent=4) + "\n")
+        return
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

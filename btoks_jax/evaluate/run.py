@@ -4,6 +4,7 @@ Each `.jsonl` / `.parquet` file of the folder (a `_test` suffix is dropped from 
 data set; its ranking (local or global) and main metric come from the MMEB-V2 map when the name is
 known there, else ranking is local. Scores are written per data set as VLM2Vec's
 `{dataset}_score.json`, plus `summary.json` with the meta-task / modality / Overall aggregation.
+Every folder (data, scores, the MMEB-V2 root, extracted media) may be local or a `gs://` URL.
 """
 
 from __future__ import annotations
@@ -15,22 +16,31 @@ from pathlib import Path
 
 import numpy as np
 
+from btoks_jax import fs
 from btoks_jax.evaluate import mmeb
 
 EVAL_SUFFIXES = (".jsonl", ".parquet")
 
 
 def discover(data_dir: str | os.PathLike, datasets: Sequence[str] | None = None,
-             pattern_suffix: str = "_test") -> dict[str, Path]:
-    """{data set name: file} for the evaluation files of a folder (optionally only `datasets`)."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{data_dir}: no such evaluation folder")
+             pattern_suffix: str = "_test") -> dict[str, Path | str]:
+    """{data set name: file} for the evaluation files of a folder (optionally only `datasets`); a local folder
+    gives `Path`s, a URL (`gs://BUCKET/eval`) URL strings."""
+    if fs.is_remote(data_dir):
+        if not fs.isdir(data_dir):
+            raise FileNotFoundError(f"{data_dir}: no such evaluation folder")
+        paths = [fs.join(data_dir, name) for name in fs.listdir(data_dir)]
+    else:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{data_dir}: no such evaluation folder")
+        paths = sorted(root.iterdir())
     found = {}
-    for path in sorted(root.iterdir()):
-        if path.suffix not in EVAL_SUFFIXES or path.stem.endswith("_train"):
+    for path in paths:
+        stem, suffix = os.path.splitext(fs.basename(path))
+        if suffix not in EVAL_SUFFIXES or stem.endswith("_train"):
             continue
-        name = path.stem[: -len(pattern_suffix)] if path.stem.endswith(pattern_suffix) else path.stem
+        name = stem[: -len(pattern_suffix)] if stem.endswith(pattern_suffix) else stem
         found[name] = path
     if datasets:
         missing = [d for d in datasets if d not in found]
@@ -63,7 +73,7 @@ def evaluate_folder(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], data_
     summary = mmeb.summarize(scores)
     summary["datasets"] = scores
     if out_dir is not None:
-        mmeb.write_summary(Path(out_dir) / "summary.json", summary)
+        mmeb.write_summary(fs.joinpath(out_dir, "summary.json"), summary)
     return summary
 
 
@@ -84,10 +94,10 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
 
     Args:
       embed_fn: `embed_fn(items) -> float[B, D]`.
-      root: the download root.
-      out_dir: where the score files go.
+      root: the download root (local or a URL).
+      out_dir: where the score files go (local or a URL).
       style: prompt style of the readers' surface forms ("vlm2vec" or "btoks"; the model's own).
-      media_dir: where inline images (document pages) are written once.
+      media_dir: where inline images (document pages) are written once (local or a URL).
       store: an `EmbeddingStore` shared by all data sets (candidates embedded once, across runs too).
       datasets: only these names (default: all 78).
       max_rows: first rows of each data set only (a partial score, for smoke runs).
@@ -104,19 +114,18 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
             raise ValueError(f"not MMEB-V2 data sets: {unknown}")
         wanted = {mmeb.canonical_name(d) for d in datasets}
         names = [n for n in names if n in wanted]
-    out_dir, media_dir = Path(out_dir), Path(media_dir)
+    out_dir, media_dir, root = fs.as_path(out_dir), fs.as_path(media_dir), fs.as_path(root)
     cache = mmeb.EmbeddingCache(embed_fn, batch_size, progress, store=store)
     scores, missing = {}, {}
     for name in names:
         spec = mmeb.MMEB_V2_BY_NAME[name]
-        path = out_dir / spec.modality / f"{name}_score.json"
-        if path.is_file() and not overwrite:
-            with open(path, encoding="utf-8") as f:
-                scores[name] = json.load(f)
+        path = fs.joinpath(out_dir, spec.modality, f"{name}_score.json")
+        if fs.isfile(path) and not overwrite:
+            scores[name] = json.loads(fs.read_text(path))
             log(f"{name}: reusing {path}")
             continue
         try:
-            task = loaders[name](Path(root), style, media_dir)
+            task = loaders[name](root, style, media_dir)
         except published.MissingData as err:
             missing[name] = str(err)
             continue
@@ -126,13 +135,13 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
         before = cache.embedded
         scores[name] = mmeb.evaluate_dataset(rows, cache, task.ranking, corpus=task.corpus, progress=progress,
                                              name=name)
-        mmeb.write_score_file(path.parent, name, scores[name])
+        mmeb.write_score_file(fs.parent(path), name, scores[name])
         log(f"{name}: {spec.metric} {100 * scores[name][spec.metric]:.2f} ({len(rows)} queries, "
             f"{len(task.corpus)} corpus items, {cache.embedded - before} items embedded)")
     summary = mmeb.summarize(scores)
     summary["missing"] = missing
-    mmeb.write_summary(out_dir / "summary.json", summary)
-    mmeb.write_summary(out_dir / f"{model_name}.json", leaderboard(scores, model_name))
+    mmeb.write_summary(fs.joinpath(out_dir, "summary.json"), summary)
+    mmeb.write_summary(fs.joinpath(out_dir, f"{model_name}.json"), leaderboard(scores, model_name))
     return summary
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from btoks_jax import fs
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -61,14 +63,16 @@ def smart_resize(
 
 
 def load_image(image: ImageLike, convert_rgb: bool = True) -> np.ndarray:
-    """uint8[H, W, 3] RGB pixels from a PIL image, an HxW / HxWxC uint8 array or an image file path.
+    """uint8[H, W, 3] RGB pixels from a PIL image, an HxW / HxWxC uint8 array or an image file path (local, or a
+    URL such as `gs://BUCKET/img.jpg`, read whole in one request through `btoks_jax.fs`).
 
     Files are opened as `transformers.image_utils.load_image` does (EXIF orientation applied, then
     `convert("RGB")`, which drops alpha); in-memory images with alpha are composited on white, as the HF
     image processor's `convert_to_rgb` does for PIL images and for arrays (float64 blend, rounded).
     """
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
+        source = io.BytesIO(fs.read_bytes(image)) if _is_url(image) else image
+        with Image.open(source) as opened:
             return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
     if isinstance(image, Image.Image):
         if not convert_rgb:
@@ -92,6 +96,11 @@ def load_image(image: ImageLike, convert_rgb: bool = True) -> np.ndarray:
     if array.shape[-1] != 3:
         raise ValueError(f"Expected 1, 3 or 4 channels, got shape {array.shape}.")
     return array
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    text = os.fspath(path)
+    return "://" in text and fs.is_remote(text)
 
 
 def patchify(frames: np.ndarray, patch_size: int, temporal_patch_size: int, merge_size: int) -> np.ndarray:
@@ -118,17 +127,24 @@ def pixel_bounds(config: dict[str, Any], default_min: int, default_max: int) -> 
 
 
 def read_processor_config(directory: str | os.PathLike, key: str, filenames: Sequence[str]) -> dict[str, Any]:
-    """A sub-processor's config with HF's precedence: `processor_config.json[key]`, then each of `filenames`."""
-    directory = Path(directory)
-    nested = directory / PROCESSOR_CONFIG
-    if nested.is_file():
-        config = json.loads(nested.read_text(encoding="utf-8"))
+    """A sub-processor's config with HF's precedence: `processor_config.json[key]`, then each of `filenames`.
+    `directory`: a local folder or a URL."""
+    directory = fs.as_path(directory)
+    nested = fs.joinpath(directory, PROCESSOR_CONFIG)
+    if fs.isfile(nested):
+        config = json.loads(fs.read_text(nested))
         if key in config:
             return config[key]
     for name in filenames:
-        if (directory / name).is_file():
-            return json.loads((directory / name).read_text(encoding="utf-8"))
+        if fs.isfile(fs.joinpath(directory, name)):
+            return json.loads(fs.read_text(fs.joinpath(directory, name)))
     raise FileNotFoundError(f"None of {PROCESSOR_CONFIG}[{key!r}], {', '.join(filenames)} in {directory}.")
+
+
+def write_config(directory: str | os.PathLike, name: str, config: dict[str, Any]) -> None:
+    """`directory/name` as indented JSON with sorted keys; a local folder is created first."""
+    fs.makedirs(directory)
+    fs.write_text(fs.join(directory, name), json.dumps(config, indent=2, sort_keys=True))
 
 
 def config_fields(cls: type, config: dict[str, Any]) -> dict[str, Any]:
@@ -173,9 +189,8 @@ class ImageProcessor:
         return {**config, "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2VLProcessor"}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(Path(directory) / IMAGE_PROCESSOR_CONFIG, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        """Writes `preprocessor_config.json` into a local folder (created) or a URL."""
+        write_config(directory, IMAGE_PROCESSOR_CONFIG, self.to_dict())
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> dict[str, np.ndarray]:
         """images (one, or a list) -> pixel_values float32[N_patches, 1176], image_grid_thw int64[num_images, 3]."""

@@ -139,10 +139,18 @@ def load_tokenizer(directory: str | os.PathLike | None = None) -> PreTrainedToke
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
     """`save_pretrained` without the last call's padding / truncation settings, which the fast backend keeps
-    between calls and would otherwise write into tokenizer.json as defaults (checkpoints have neither)."""
+    between calls and would otherwise write into tokenizer.json as defaults (checkpoints have neither). A URL
+    `directory` gets the files written to a temporary folder and copied there."""
     tokenizer.backend_tokenizer.no_padding()
     tokenizer.backend_tokenizer.no_truncation()
-    tokenizer.save_pretrained(os.fspath(directory))
+    if not fs.is_remote(directory):
+        tokenizer.save_pretrained(os.fspath(directory))
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="btoks-tokenizer-") as local:  # transformers writes local files only
+        tokenizer.save_pretrained(local)
+        fs.copy_tree(local, directory)
 
 
 def add_btok_tokens(tokenizer: PreTrainedTokenizerBase, k: int) -> list[int]:

@@ -22,11 +22,9 @@ like images (image.py `load_image`), while HF's tensor path composites alpha wit
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +40,7 @@ from btoks_jax.processing.image import (
     pixel_bounds,
     read_processor_config,
     smart_resize,
+    write_config,
 )
 
 VIDEO_PROCESSOR_CONFIG = "video_preprocessor_config.json"
@@ -181,9 +180,8 @@ class VideoProcessor:
         return {**config, "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": "Qwen2VLProcessor"}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        os.makedirs(directory, exist_ok=True)
-        with open(Path(directory) / VIDEO_PROCESSOR_CONFIG, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        """Writes `video_preprocessor_config.json` into a local folder (created) or a URL."""
+        write_config(directory, VIDEO_PROCESSOR_CONFIG, self.to_dict())
 
     def resized_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         """Per-frame pixel size of a video of `num_frames` frames (before temporal padding)."""

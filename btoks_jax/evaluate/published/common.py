@@ -20,6 +20,10 @@ the surface form of the chosen prompt style:
 
 A data set whose files are absent raises `MissingData`, so a run over the 78 can report what is missing;
 a file that is present but malformed raises ValueError naming the file, row and field.
+
+ROOT and the folder extracted pages go to may be local or `gs://` URLs: every read goes through `btoks_jax.fs`
+(parquet by ranged reads, frame folders by listings), and the items hold path strings, local paths or URLs,
+which the embedder opens the same way (`btoks_jax.processing.image.load_image`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from btoks_jax import fs
 from btoks_jax.data.media import RowError
 from btoks_jax.evaluate.mmeb import EvalRow, Item
 
@@ -73,15 +78,15 @@ def check_style(style: str) -> str:
     return style
 
 
-def repo_dir(root: str | os.PathLike, repo_id: str) -> Path:
-    """`ROOT/<owner>/<name>`; MissingData when absent."""
-    path = Path(root) / repo_id
-    if not path.is_dir():
+def repo_dir(root: str | os.PathLike, repo_id: str) -> Path | str:
+    """`ROOT/<owner>/<name>` (a URL string under a URL root); MissingData when absent."""
+    path = fs.joinpath(root, *repo_id.split("/"))
+    if not fs.isdir(path):
         raise MissingData(f"{repo_id}: not downloaded (expected the folder {path})")
     return path
 
 
-def split_files(repo: Path, split: str, config: str | None = None) -> list[Path]:
+def split_files(repo: Path | str, split: str, config: str | None = None) -> list[Path | str]:
     """The parquet shards of one split (and config) of a downloaded Hugging Face data set repository.
 
     Looks, in order, for the layouts the hub uses: `<config>/<split>-*.parquet`, `<config>/<split>/*.parquet`,
@@ -95,24 +100,39 @@ def split_files(repo: Path, split: str, config: str | None = None) -> list[Path]
         patterns = [f"data/{split}-*.parquet", f"{split}-*.parquet", f"data/{split}/*.parquet", f"{split}/*.parquet"]
     patterns += [p.replace(".parquet", ".jsonl") for p in patterns]
     for pattern in patterns:
-        files = sorted(repo.glob(pattern))
+        files = fs.glob(fs.join(repo, pattern)) if fs.is_remote(repo) else sorted(Path(repo).glob(pattern))
         if files:
             return files
     raise MissingData(f"{repo}: no parquet files for split {split!r}" + (f" of config {config!r}" if config else "")
                       + f" (looked for {', '.join(patterns)})")
 
 
-def iter_parquet(files: Sequence[Path], columns: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
+def parquet_file(file: Path | str):
+    """A `pyarrow.parquet.ParquetFile` of a local path or a URL (read by ranged reads: the footer, then the
+    row groups and columns asked for)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(fs.open(file, "rb") if fs.is_remote(file) else file)
+
+
+def read_schema(file: Path | str):
+    """The Arrow schema of a parquet file (local or a URL)."""
+    return parquet_file(file).schema_arrow
+
+
+def suffix(file: Path | str) -> str:
+    return os.path.splitext(os.fspath(file))[1]
+
+
+def iter_parquet(files: Sequence[Path | str], columns: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
     """("<file>: row <n>", record) over parquet shards (or JSON-lines files) in order, streaming one record
     batch at a time.
 
     `columns` are checked up front for parquet (a missing column is an error naming the file and the column)
     and per record for JSON lines.
     """
-    import pyarrow.parquet as pq
-
     for file in files:
-        if file.suffix == ".jsonl":
+        if suffix(file) == ".jsonl":
             from btoks_jax.data.media import iter_records
 
             for number, record in iter_records(file):
@@ -124,7 +144,7 @@ def iter_parquet(files: Sequence[Path], columns: Sequence[str] | None = None) ->
                     raise RowError(missing[0], "missing").at(source)
                 yield source, record if columns is None else {c: record[c] for c in columns}
             continue
-        reader = pq.ParquetFile(file)
+        reader = parquet_file(file)
         if columns is not None:
             have = set(reader.schema_arrow.names)
             missing = [c for c in columns if c not in have]
@@ -137,7 +157,7 @@ def iter_parquet(files: Sequence[Path], columns: Sequence[str] | None = None) ->
                 yield f"{file}: row {number}", record
 
 
-def read_parquet(files: Sequence[Path], columns: Sequence[str] | None = None) -> list[tuple[str, dict]]:
+def read_parquet(files: Sequence[Path | str], columns: Sequence[str] | None = None) -> list[tuple[str, dict]]:
     return list(iter_parquet(files, columns))
 
 
@@ -167,7 +187,15 @@ def natural_key(name: str) -> list:
 
 
 def list_frames(folder: str | os.PathLike) -> tuple[str, ...]:
-    """The frame images of a folder (.jpg/.jpeg/.png), naturally sorted; () when the folder is absent or empty."""
+    """The frame images of a folder (.jpg/.jpeg/.png; local or a URL), naturally sorted; () when the folder is
+    absent or empty."""
+    if fs.is_remote(folder):
+        try:
+            names = fs.listfiles(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return ()
+        return tuple(fs.join(folder, name) for name in sorted(names, key=natural_key)
+                     if os.path.splitext(name)[1].lower() in FRAME_SUFFIXES)
     folder = Path(folder)
     if not folder.is_dir():
         return ()
@@ -215,9 +243,20 @@ def image_suffix(data: bytes, path: str | None) -> str:
     return {"jpeg": ".jpg"}.get(fmt, f".{fmt}")
 
 
-def write_media(directory: Path, name: str, data: bytes) -> str:
+def write_media(directory: Path | str, name: str, data: bytes) -> str:
     """Writes `data` to `directory/name` once (atomically; an existing file of the same content is kept) and
-    returns the path. Inline images become files so items stay small and hashable."""
+    returns the path (a URL under a URL `directory`: one PUT, kept when an object of that size is there).
+    Inline images become files so items stay small and hashable."""
+    if fs.is_remote(directory):
+        path = fs.join(directory, name)
+        try:
+            if fs.size(path) == len(data):
+                return path
+        except FileNotFoundError:
+            pass
+        fs.write_bytes_atomic(path, data)
+        return path
+    directory = Path(directory)
     path = directory / name
     if path.is_file() and path.stat().st_size == len(data):
         return str(path)

@@ -44,10 +44,10 @@ Item per name, the first one built, so equal names are equal Items and share one
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 
+from btoks_jax import fs
 from btoks_jax.data.media import RowError
 from btoks_jax.evaluate.mmeb import MMEB_V2_DATASETS, EvalRow, Item
 from btoks_jax.evaluate.published.common import (
@@ -57,11 +57,12 @@ from btoks_jax.evaluate.published.common import (
     check_style,
     field,
     iter_parquet,
+    read_schema,
     repo_dir,
     split_files,
 )
 
-Loader = Callable[[Path, str, Path], Task]
+Loader = Callable[[Path | str, str, Path | str], Task]  # (root, style, media_dir): local paths or URLs
 
 ANNOTATIONS = "ziyjiang/MMEB_Test_Instruct"
 OLD_ANNOTATIONS = "TIGER-Lab/MMEB-eval"
@@ -199,17 +200,17 @@ def _canonical_candidate(name: str, text: str) -> str:
 # ===================================== reading =====================================
 
 
-def _image_root(root: Path, name: str) -> Path:
-    tasks = repo_dir(root, MEDIA) / "image-tasks"
-    if (tasks / "MMEB").is_dir():
-        return tasks / "MMEB"
-    if (tasks / name).is_dir():
+def _image_root(root: Path | str, name: str) -> Path | str:
+    tasks = fs.joinpath(repo_dir(root, MEDIA), "image-tasks")
+    if fs.isdir(fs.joinpath(tasks, "MMEB")):
+        return fs.joinpath(tasks, "MMEB")
+    if fs.isdir(fs.joinpath(tasks, name)):
         return tasks
-    raise MissingData(f"{name}: no images (expected {tasks / 'MMEB'} from extracting {tasks / 'mmeb_v1.tar.gz'}, "
-                      f"or {tasks / name})")
+    raise MissingData(f"{name}: no images (expected {fs.joinpath(tasks, 'MMEB')} from extracting "
+                      f"{fs.joinpath(tasks, 'mmeb_v1.tar.gz')}, or {fs.joinpath(tasks, name)})")
 
 
-def _annotation_files(root: Path, name: str) -> list[Path]:
+def _annotation_files(root: Path | str, name: str) -> list[Path | str]:
     try:
         return split_files(repo_dir(root, ANNOTATIONS), "test", config=name)
     except MissingData as instruct_missing:
@@ -248,42 +249,42 @@ def _strings(record: dict, name: str, source: str) -> list[str]:
 
 
 class _Images:
-    """Resolves row image paths under the image root, checking each distinct file once."""
+    """Resolves row image paths under the image root (local or a URL), checking each distinct file once (for URLs
+    with one listing per folder)."""
 
-    def __init__(self, root: Path):
-        self.root = os.path.abspath(root)
+    def __init__(self, root: Path | str):
+        self.root = fs.absolute(root)
         self.seen: set[str] = set()
+        self.files = fs.FileIndex()
 
     def __call__(self, relative: str, source: str, name: str, entry: int | None = None) -> str:
         where = "" if entry is None else f"entry {entry + 1}: "
         if not relative.strip():
             raise RowError(name, f"{where}no image path").at(source)
-        path = os.path.join(self.root, relative)
+        path = fs.join(self.root, relative)
         if path not in self.seen:
-            if not os.path.isfile(path):
+            if not self.files.isfile(path):
                 raise RowError(name, f"{where}image file not found: {path}").at(source)
             self.seen.add(path)
         return path
 
 
-def _load(name: str, root: Path, style: str, media_dir: Path | None = None) -> Task:
-    """Reads one image set. `media_dir` is unused: these sets keep their images as files."""
-    import pyarrow.parquet as pq
-
+def _load(name: str, root: Path | str, style: str, media_dir: Path | str | None = None) -> Task:
+    """Reads one image set (`root` local or a URL). `media_dir` is unused: these sets keep their images as files."""
     del media_dir
     check_style(style)
-    root = Path(root)
+    root = fs.as_path(root)
     parser = PARSER_OF[name]
     files = _annotation_files(root, name)
     images = _Images(_image_root(root, name))
-    instruct = "qry_inst" in pq.ParquetFile(files[0]).schema_arrow.names
+    instruct = "qry_inst" in read_schema(files[0]).names
     pool: dict[str, Item] = {}  # candidate name -> the Item of its first occurrence
     rows = []
     for source, record in iter_parquet(files, _columns(parser, instruct)):
         query, candidates = _parse(name, parser, style, instruct, record, source, images, pool)
         rows.append(EvalRow(query=query, candidates=candidates,
                             relevance=(1.0,) + (0.0,) * (len(candidates) - 1)))
-    return Task(name=name, rows=rows, ranking="local", source=str(files[0].parent))
+    return Task(name=name, rows=rows, ranking="local", source=str(fs.parent(files[0])))
 
 
 def _parse(name: str, parser: str, style: str, instruct: bool, record: dict, source: str, images: _Images,

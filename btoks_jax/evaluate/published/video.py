@@ -55,6 +55,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from btoks_jax import fs
 from btoks_jax.data.media import RowError
 from btoks_jax.evaluate.mmeb import MMEB_V2_BY_NAME, EvalRow, Item
 from btoks_jax.evaluate.published.common import (
@@ -72,7 +73,7 @@ from btoks_jax.evaluate.published.common import (
     split_files,
 )
 
-Loader = Callable[[Path, str, Path], Task]
+Loader = Callable[[Path | str, str, Path | str], Task]  # (root, style, media_dir): local paths or URLs
 
 FRAMES = "TIGER-Lab/MMEB-V2/video-tasks/frames"
 QA_PROMPT = ("Given a video and a question, select the most accurate answer from the provided candidates. "
@@ -147,11 +148,11 @@ def _video(folder: Path, text: str, source: str, field_name: str) -> Item:
 
 def _frame_root(root: Path, name: str, folders: tuple[str, ...]) -> Path:
     for folder in folders:
-        path = Path(root) / FRAMES / folder
-        if path.is_dir():
+        path = fs.joinpath(root, *FRAMES.split("/"), folder)
+        if fs.isdir(path):
             return path
     raise MissingData(f"{name}: frames not extracted (looked for "
-                      + ", ".join(str(Path(root) / FRAMES / f) for f in folders) + ")")
+                      + ", ".join(str(fs.joinpath(root, *FRAMES.split("/"), f)) for f in folders) + ")")
 
 
 def _rows(files: list[Path], columns: tuple[str, ...], limit: int | None = None) -> Iterator[tuple[str, dict]]:
@@ -206,7 +207,7 @@ def _load_cls(name: str, root: Path, style: str, media_dir: Path) -> Task:
     for source, record in _rows(files, ("video_id", "pos_text") + (("neg_text",) if local else ()), spec.limit):
         video_id = field(record, "video_id", source, (str, int) if local else str)
         label = field(record, "pos_text", source)
-        query = _video(frame_root / str(video_id), text, source, "video_id")
+        query = _video(fs.joinpath(frame_root, str(video_id)), text, source, "video_id")
         if not local:
             rows.append(EvalRow(query, (Item(text=label),), (1.0,)))
             continue
@@ -279,7 +280,7 @@ def _load_ret(name: str, root: Path, style: str, media_dir: Path) -> Task:
         if name == "DiDeMo":
             video_id = os.path.splitext(os.path.basename(video_id))[0]
         if video_id not in videos:
-            videos[video_id] = _video(frame_root / video_id, target, source, spec.id_field)
+            videos[video_id] = _video(fs.joinpath(frame_root, video_id), target, source, spec.id_field)
         query = Item(text=_prompt(style, spec.instruction, _caption(spec, record, source, style)))
         rows.append(EvalRow(query, (videos[video_id],), (1.0,)))
     return _task(name, rows, repo, videos.values())
@@ -298,7 +299,7 @@ def _videomme(record: dict, source: str, style: str, frames: Path):
         question = _normalize(question)
     text = _prompt(style, QA_PROMPT, question + "\n" + "\n".join(options), VIDEO)
     candidates = [_strip_option(o) for o in options] if style == "vlm2vec" else options
-    return frames / field(record, "videoID", source), "videoID", text, candidates, "ABCD".index(answer)
+    return fs.joinpath(frames, field(record, "videoID", source)), "videoID", text, candidates, "ABCD".index(answer)
 
 
 def _nextqa(record: dict, source: str, style: str, frames: Path):
@@ -310,7 +311,8 @@ def _nextqa(record: dict, source: str, style: str, frames: Path):
     if style == "btoks":
         question, options = _normalize(question), [_normalize(o) for o in options]
     video = field(record, "video", source, (str, int))
-    return frames / str(video), "video", _prompt(style, QA_PROMPT, _choices(question, options), VIDEO), options, answer
+    text = _prompt(style, QA_PROMPT, _choices(question, options), VIDEO)
+    return fs.joinpath(frames, str(video)), "video", text, options, answer
 
 
 def _egoschema(record: dict, source: str, style: str, frames: Path):
@@ -326,7 +328,7 @@ def _egoschema(record: dict, source: str, style: str, frames: Path):
         question = _normalize(question)
     text = _prompt(style, QA_PROMPT, question + " ".join(options), VIDEO)  # no separator after the question
     candidates = [_strip_option(o) for o in options] if style == "vlm2vec" else options
-    return frames / field(record, "video_idx", source), "video_idx", text, candidates, index
+    return fs.joinpath(frames, field(record, "video_idx", source)), "video_idx", text, candidates, index
 
 
 def _mvbench(record: dict, source: str, style: str, frames: Path):
@@ -341,7 +343,7 @@ def _mvbench(record: dict, source: str, style: str, frames: Path):
     else:
         text = _prompt(style, QA_PROMPT, _choices(_normalize(question), [_normalize(o) for o in options]), VIDEO)
         labelled, index = [_normalize(c) for c in labelled], matches[0]
-    folder = frames / record["subset"] / field(record, "video", source)
+    folder = fs.joinpath(frames, record["subset"], field(record, "video", source))
     return folder, "video", text, labelled, index
 
 
@@ -352,7 +354,7 @@ def _activitynetqa(record: dict, source: str, style: str, frames: Path):
     if answer not in ("yes", "no"):
         raise RowError("answer", f"expected 'yes' or 'no', got {answer!r}").at(source)
     text = _prompt(style, QA_PROMPT, question + "? (A) yes; (B) no.", VIDEO)
-    folder = frames / f"v_{field(record, 'video_name', source)}"
+    folder = fs.joinpath(frames, f"v_{field(record, 'video_name', source)}")
     return folder, "video_name", text, ["yes", "no"], ("yes", "no").index(answer)
 
 
@@ -426,12 +428,12 @@ def _load_moments(name: str, root: Path, style: str, media_dir: Path) -> Task:
     rows = []
     for source, record in _rows(files, ("query", "video_path")):
         query = field(record, "query", source)
-        clip_dir = frame_root / os.path.splitext(os.path.basename(field(record, "video_path", source)))[0]
+        clip_dir = fs.joinpath(frame_root, os.path.splitext(os.path.basename(field(record, "video_path", source)))[0])
         text = _prompt(style, MOMENT_QUERY, query if style == "vlm2vec" else _normalize(query), VIDEO)
-        query_item = _video(clip_dir / "query", text, source, "video_path")
-        clips = sorted((p for p in clip_dir.iterdir() if p.is_dir() and p.name != "query"),
-                       key=lambda p: natural_key(p.name))
-        grades = tuple(1.0 if clip.name.startswith("positive") else 0.0 for clip in clips)
+        query_item = _video(fs.joinpath(clip_dir, "query"), text, source, "video_path")
+        clips = sorted((p for p in _subfolders(clip_dir) if fs.basename(p) != "query"),
+                       key=lambda p: natural_key(fs.basename(p)))
+        grades = tuple(1.0 if fs.basename(clip).startswith("positive") else 0.0 for clip in clips)
         if not any(grades):
             raise RowError("video_path", f"no positive* clip folder in {clip_dir}").at(source)
         candidates = tuple(_video(clip, target, source, "video_path") for clip in clips)
@@ -439,8 +441,16 @@ def _load_moments(name: str, root: Path, style: str, media_dir: Path) -> Task:
     return _task(name, rows, repo)
 
 
-def _clip_folder(frame_root: Path, path: str) -> Path:
-    return frame_root / "video_frames" / path.replace("/", "_").split(".mp4")[0]
+def _subfolders(folder: Path | str) -> list[Path | str]:
+    """The sub-folders of a folder (local: `Path`s; a URL: URL strings, every prefix with objects under it)."""
+    if not fs.is_remote(folder):
+        return [p for p in Path(folder).iterdir() if p.is_dir()]
+    files = set(fs.listfiles(folder))
+    return [fs.join(folder, name) for name in fs.listdir(folder) if name not in files]
+
+
+def _clip_folder(frame_root: Path | str, path: str) -> Path | str:
+    return fs.joinpath(frame_root, "video_frames", path.replace("/", "_").split(".mp4")[0])
 
 
 def _clip_paths(record: dict, name: str, source: str) -> list[str]:
@@ -468,8 +478,9 @@ def _seeker_query(record: dict, source: str, style: str, frame_root: Path) -> It
     if suffix.endswith((".jpg",) if style == "vlm2vec" else (".jpg", ".jpeg", ".png")):
         # VLM2Vec: <frame root>/query_<input_frames>; the authors: <frame root>/query_images/<parent>/<file>.
         image_path = Path(media)
-        tried = [frame_root / f"query_{media}", frame_root / "query_images" / image_path.parent.name / image_path.name]
-        image = next((p for p in tried if p.is_file()), None)
+        tried = [fs.joinpath(frame_root, f"query_{media}"),
+                 fs.joinpath(frame_root, "query_images", image_path.parent.name, image_path.name)]
+        image = next((p for p in tried if fs.isfile(p)), None)
         if image is None:
             raise RowError("input_frames", "no query image at " + " or ".join(map(str, tried))).at(source)
         return Item(text=_prompt(style, SEEKER_IMAGE, query, IMAGE), image=str(image))

@@ -44,6 +44,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from btoks_jax import fs
 from btoks_jax.data.media import RowError
 from btoks_jax.evaluate.mmeb import EvalRow, Item
 from btoks_jax.evaluate.published.common import (
@@ -53,13 +54,15 @@ from btoks_jax.evaluate.published.common import (
     field,
     image_bytes,
     iter_parquet,
+    parquet_file,
+    read_schema,
     repo_dir,
     short_hash,
     split_files,
     write_media,
 )
 
-Loader = Callable[[Path, str, Path], Task]
+Loader = Callable[[Path | str, str, Path | str], Task]  # (root, style, media_dir): local paths or URLs
 
 QUERY_INSTRUCTION = "Find a document image that matches the given query:"
 PAGE_INSTRUCTION = "Understand the content of the provided document image."
@@ -143,11 +146,10 @@ _ID_KINDS = {int: "integer", str: "string"}
 def _column_kind(files: list[Path], column: str) -> type:
     """int or str: the id type of `column`, the same in every shard; ValueError naming the file otherwise."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     kind, first = None, None
     for file in files:
-        schema = pq.read_schema(file)
+        schema = read_schema(file)
         if column not in schema.names:
             raise ValueError(f"{file}: missing column '{column}' (has {sorted(schema.names)})")
         arrow_type = schema.field(column).type
@@ -228,7 +230,7 @@ def load_visdoc(name: str, root: str | os.PathLike, style: str, media_dir: str |
             raise ValueError(f"{where}: field 'query-id': query {qid!r} has no relevant page (a qrels row with "
                              f"score > 0) in {', '.join(map(str, qrels_files))}")
 
-    pages = _write_pages(corpus_files, cid_kind, source.naming, Path(media_dir) / name, page_text(style))
+    pages = _write_pages(corpus_files, cid_kind, source.naming, fs.joinpath(media_dir, name), page_text(style))
     rows = []
     for qid, (_, text) in queries.items():
         grades = qrels[qid]
@@ -283,22 +285,18 @@ def _read_qrels(files: list[Path], qid_kind: type, cid_kind: type, queries: dict
 
 def _iter_corpus(files: list[Path]) -> Iterator[tuple[str, dict]]:
     """("<file>: row <n>", record) over the corpus, a few images at a time."""
-    import pyarrow.parquet as pq
-
     for file in files:
         number = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=CORPUS_BATCH_ROWS, columns=["corpus-id", "image"]):
+        for batch in parquet_file(file).iter_batches(batch_size=CORPUS_BATCH_ROWS, columns=["corpus-id", "image"]):
             for record in batch.to_pylist():
                 number += 1
                 yield f"{file}: row {number}", record
 
 
-def _write_pages(files: list[Path], kind: type, naming: str, directory: Path, text: str) -> dict:
-    """{corpus-id: page Item}, each image written once to `directory` (kept when already there)."""
-    import pyarrow.parquet as pq
-
+def _write_pages(files: list[Path], kind: type, naming: str, directory: Path | str, text: str) -> dict:
+    """{corpus-id: page Item}, each image written once to `directory` (local or a URL; kept when already there)."""
     for file in files:  # the image column is checked before anything is written
-        names_in_file = pq.read_schema(file).names
+        names_in_file = read_schema(file).names
         if "image" not in names_in_file:
             raise ValueError(f"{file}: missing column 'image' (has {sorted(names_in_file)})")
     pages: dict[int | str, Item] = {}
