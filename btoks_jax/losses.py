@@ -5,8 +5,12 @@ Legend: B batch, D embedding width, Lt target length, V vocab, C candidates.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -15,6 +19,99 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return lse - picked
+
+
+def fused_token_nll_sum(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
+                        weights: jax.Array, *, chunk: int) -> jax.Array:
+    """sum(weights * token_nll(project(hidden), labels)) without ever holding the whole [B, Lt, V] logits.
+
+    `project` is a linear head, float[B, c, D] -> logits float[B, c, V] (e.g. `BToksModel.target_logits`);
+    hidden float[B, Lt, D], labels int[B, Lt], weights float32[B, Lt]. The target positions are taken `chunk` at a
+    time (every row of the batch in each chunk, so a batch sharding is kept): the chunk's logits, its token losses
+    and, since the result is a weighted sum whose cotangent is one scalar, its gradients with respect to `hidden`
+    and to every array the head reads, all in one pass (three matmuls a chunk, as the full logits' forward and
+    backward take, no recomputation). Chunks whose weights are all zero (a target region's padding) are skipped, so
+    `weights` are constants here: no gradient flows to them. Each token's loss and gradient are the operations
+    `token_nll` and its derivative apply to the full logits, so the result equals the full-logits loss up to the
+    order of the float sums. Peak memory holds one chunk's logits, [B, chunk, V], instead of all of them; gradients
+    nobody asks for (a frozen table's) are dropped by the compiler.
+    """
+    lt = hidden.shape[1]
+    n = -(-lt // chunk)
+    pad = n * chunk - lt
+    if pad:  # whole chunks: the padding weighs 0
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, pad)))
+        weights = jnp.pad(weights, ((0, 0), (0, pad)))
+    fn, consts = jax.closure_convert(project, hidden[:, :chunk])
+    weights = jax.lax.stop_gradient(weights.astype(jnp.float32))
+    return _fused_nll(fn, chunk, hidden, labels.astype(jnp.int32), weights, *consts)
+
+
+def _fused_nll_pass(fn, chunk, hidden, labels, weights, consts):
+    """(loss, d loss / d hidden, d loss / d consts): the chunked forward pass with its gradients."""
+    b, lt = hidden.shape[:2]
+    n = lt // chunk
+    grads_of = [jnp.issubdtype(c.dtype, jnp.inexact) for c in consts]
+    by_chunk = lambda x: x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731  [N, B, c, ...]
+
+    def compute(h, lab, w):
+        def head(h, *float_consts):
+            it = iter(float_consts)
+            return fn(h, *[next(it) if g else c for c, g in zip(consts, grads_of)])
+
+        logits, vjp = jax.vjp(head, h, *[c for c, g in zip(consts, grads_of) if g])
+        logits32 = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits32, axis=-1)
+        picked = jnp.take_along_axis(logits32, lab[..., None], axis=-1)[..., 0]
+        nll = lse - picked
+        # d nll / d logits = softmax - onehot(label), each token weighted.
+        onehot = jnp.arange(logits32.shape[-1], dtype=jnp.int32) == lab[..., None]
+        dlogits = w[..., None] * (jnp.exp(logits32 - lse[..., None]) - onehot.astype(jnp.float32))
+        dh, *dconsts = vjp(dlogits.astype(logits.dtype))
+        return jnp.sum(w * nll), dh, dconsts
+
+    def zeros(h, lab, w):
+        return jnp.float32(0.0), jnp.zeros_like(h), [jnp.zeros_like(c) for c, g in zip(consts, grads_of) if g]
+
+    def body(carry, x):
+        loss, dconsts = carry
+        h, lab, w = x
+        s, dh, dc = jax.lax.cond(jnp.any(w != 0), compute, zeros, h, lab, w)
+        return (loss + s, [a + c.astype(a.dtype) for a, c in zip(dconsts, dc)]), dh
+
+    init = (jnp.float32(0.0), [jnp.zeros(c.shape, c.dtype) for c, g in zip(consts, grads_of) if g])
+    (loss, dconsts), dh = jax.lax.scan(body, init, (by_chunk(hidden), by_chunk(labels), by_chunk(weights)))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, lt, *x.shape[3:])  # noqa: E731
+    it = iter(dconsts)
+    full = [next(it) if g else None for g in grads_of]
+    return loss, unchunk(dh).astype(hidden.dtype), full
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_nll(fn, chunk, hidden, labels, weights, *consts):
+    return _fused_nll_pass(fn, chunk, hidden, labels, weights, consts)[0]
+
+
+def _fused_nll_fwd(fn, chunk, hidden, labels, weights, *consts):
+    loss, dh, dconsts = _fused_nll_pass(fn, chunk, hidden, labels, weights, consts)
+    return loss, (dh, dconsts, labels, weights, consts)
+
+
+def _fused_nll_bwd(fn, chunk, residuals, g):
+    dh, dconsts, labels, weights, consts = residuals
+    cotangents = [(g * d).astype(c.dtype) if d is not None else _zero_cotangent(c) for d, c in zip(dconsts, consts)]
+    return ((g * dh).astype(dh.dtype), _zero_cotangent(labels), jnp.zeros_like(weights), *cotangents)
+
+
+def _zero_cotangent(x):
+    """The cotangent of an integer input: float0 zeros."""
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
+
+
+_fused_nll.defvjp(_fused_nll_fwd, _fused_nll_bwd)
 
 
 def ntp_token_weights(label_masks: list[jax.Array], *, reduction: str = "sample_mean",

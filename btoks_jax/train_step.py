@@ -46,6 +46,9 @@ class StepConfig:
     mask_mode: str = "condensation"
     symmetric: bool = False
     trainable: str = "lora"  # "lora" (adapters + BToks) or "full"
+    # Target positions per chunk of the fused vocabulary projection + NTP loss (`losses.fused_token_nll_sum`): the
+    # [B, Lt, V] logits are never held at once. 0: the whole target region's logits at once. Same loss either way.
+    ntp_logits_chunk: int = 0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -103,13 +106,22 @@ def _merge(graphdef, params, frozen, key):
 
 
 def _side(model, side, layout: Layout, cfg: StepConfig, logits: bool):
-    return model(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode, target_logits=logits)
+    """(embeddings, the target region's logits), or with `ntp_logits_chunk` its final hidden states instead:
+    `_ntp_sum` then projects them chunk by chunk."""
+    if not cfg.ntp_logits_chunk:
+        return model(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode, target_logits=logits)
+    hidden = model.forward(side["inputs"], layout, mask_mode=cfg.mask_mode)
+    target = hidden[:, layout.target_slice] if logits and layout.target_len else None
+    return model.pool(hidden, layout, cfg.pooling), target
 
 
-def _ntp_sum(logits, side, weights):
-    if logits is None:  # a side packed without a target region generates nothing
+def _ntp_sum(model, out, side, weights, cfg: StepConfig):
+    if out is None:  # a side packed without a target region generates nothing
         return jnp.float32(0.0)
-    return jnp.sum(weights * losses.token_nll(logits, side["labels"]))
+    if cfg.ntp_logits_chunk:
+        return losses.fused_token_nll_sum(model.target_logits, out, side["labels"], weights,
+                                          chunk=cfg.ntp_logits_chunk)
+    return jnp.sum(weights * losses.token_nll(out, side["labels"]))
 
 
 def _lambda(cfg: StepConfig) -> jax.Array:
@@ -144,21 +156,22 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
 
     def sides_forward(p, sub, key_i, logits):
         model = _merge(graphdef, p, frozen, key_i)
-        q_emb, q_logits = _side(model, sub["query"], q_layout, cfg, logits)
-        p_emb, p_logits = _side(model, sub["positive"], p_layout, cfg, logits)
-        return q_emb, p_emb, q_logits, p_logits
+        q_emb, q_out = _side(model, sub["query"], q_layout, cfg, logits)
+        p_emb, p_out = _side(model, sub["positive"], p_layout, cfg, logits)
+        return q_emb, p_emb, (model, q_out, p_out)
 
-    def ntp_part(sub, q_logits, p_logits, wq, wp):
+    def ntp_part(sub, out, wq, wp):
         if not need_ntp:
             return jnp.float32(0.0)
-        return _ntp_sum(q_logits, sub["query"], wq) + _ntp_sum(p_logits, sub["positive"], wp)
+        model, q_out, p_out = out
+        return _ntp_sum(model, q_out, sub["query"], wq, cfg) + _ntp_sum(model, p_out, sub["positive"], wp, cfg)
 
     if n == 1:
         def full_loss(p):
-            q_emb, p_emb, q_logits, p_logits = sides_forward(p, batch, key, need_ntp)
+            q_emb, p_emb, out = sides_forward(p, batch, key, need_ntp)
             nce = losses.info_nce(q_emb, p_emb, temperature=cfg.temperature, symmetric=cfg.symmetric) \
                 if need_nce else jnp.float32(0.0)
-            ntp = ntp_part(batch, q_logits, p_logits, w_q, w_p)
+            ntp = ntp_part(batch, out, w_q, w_p)
             return nce + lam * ntp, (nce, ntp)
 
         (loss, (nce, ntp)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
@@ -168,7 +181,7 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
         if need_nce:
             def embed_chunk(_, i):
                 sub = _chunk(batch, i, n)
-                q_emb, p_emb, _, _ = sides_forward(params, sub, keys[i], False)
+                q_emb, p_emb, _ = sides_forward(params, sub, keys[i], False)
                 return None, (q_emb, p_emb)
 
             _, (q_embs, p_embs) = jax.lax.scan(embed_chunk, None, jnp.arange(n))  # [N, C, D]
@@ -184,11 +197,11 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
             w = _chunk({k: v for k, v in weights.items() if v is not None}, i, n)
 
             def surrogate(p):
-                q_emb, p_emb, q_logits, p_logits = sides_forward(p, sub, keys[i], need_ntp)
+                q_emb, p_emb, out = sides_forward(p, sub, keys[i], need_ntp)
                 s = jnp.float32(0.0)
                 if need_nce:
                     s = jnp.sum(q_emb * w["gq"]) + jnp.sum(p_emb * w["gp"])
-                ntp = ntp_part(sub, q_logits, p_logits, w["q"], w["p"])
+                ntp = ntp_part(sub, out, w["q"], w["p"])
                 return s + lam * ntp, ntp
 
             (_, ntp_i), g = jax.value_and_grad(surrogate, has_aux=True)(params)

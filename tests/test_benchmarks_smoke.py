@@ -79,3 +79,62 @@ def test_gic_chunk_grouping_measures_the_weights():
     # Two devices keep their rows apart: sorting never moves a row across the device boundary.
     order = gic.length_sorted(mask, devices=2)
     assert sorted(order[:8]) == list(range(8)) and sorted(order[8:]) == list(range(8, 16))
+
+
+# ============================================================================== the side-by-side benchmarks, --tiny
+
+
+def _run_tiny(name: str, tmp_path, *extra) -> dict:
+    """Runs benchmarks/<name>.py --tiny in this process and returns its JSON record."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / f"{name}.json"
+    assert module.main(module.parse_args(["--tiny", "--out", str(out), *extra])) == 0
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == name and record["tiny"] is True
+    assert {"date_utc", "nproc", "cpu_model", "load_average", "jax"} <= record["machine"].keys()
+    return record
+
+
+def test_train_step_vs_torch_tiny(tmp_path):
+    r = _run_tiny("train_step_vs_torch", tmp_path)
+    assert r["first_step_agrees"] is True
+    assert set(r["tokens_per_s"]) == set(r["times"]) == {"btoks_jax", "torch"}
+    assert set(r["speedup"]) == {"btoks_jax"} and "of_medians" in r["speedup"]["btoks_jax"]
+    assert {"loss", "info_nce", "ntp", "grad_norm"} <= r["first_step"].keys()
+    assert set(r["compile_s"]) == {"btoks_jax"} and r["batch"]["tokens"] > 0
+
+
+def test_embed_overhead_tiny(tmp_path):
+    r = _run_tiny("embed_overhead", tmp_path)
+    assert [x["length"] for x in r["lengths"]] == [16, 64]
+    for x in r["lengths"]:
+        assert {"overhead", "overhead_median_of_pairs", "times", "rows", "extra_columns"} <= x.keys()
+        assert set(x["times"]) == {"last", "btoks", "btoks_in_bucket"} and "overhead_in_bucket" in x
+
+
+def test_condensation_mask_tiny(tmp_path):
+    r = _run_tiny("condensation_mask", tmp_path)
+    assert r["same_function"] is True
+    for what in ("forward", "forward_backward"):
+        d = r["dense"][what]
+        assert d["flops"]["single"] > 0 and d["flops"]["two_pass"] > 0 and "of_medians" in d["time_ratio"]
+    (tiles,) = r["splash_tiles"]
+    assert {"computed", "tiles", "skipped_by_the_cut"} <= tiles["single"].keys() and tiles["single_over_two_pass"] > 0
+
+
+def test_vocab_projection_tiny(tmp_path):
+    r = _run_tiny("vocab_projection", tmp_path)
+    paths = {x["path"] for x in r["results"]}
+    assert paths == {"full_logits", "fused_chunk_4", "no_btok_rows_full_logits", "no_btok_rows_fused_chunk_4"}
+    for x in r["results"]:
+        assert x["temp_bytes"] > 0 and "of_medians" in x["time_ratio"]
+        assert x["relative_difference"]["loss"] < 1e-5 and x["relative_difference"]["grads"] < 1e-4
+
+
+def test_compile_count_tiny(tmp_path):
+    r = _run_tiny("compile_count", tmp_path)
+    assert r["distinct_programs"] >= 1 and len(r["first_step"]) == r["distinct_programs"] == len(r["programs"])
+    assert set(r["passes"]) == {"cold_cache", "warm_cache"} and r["compiled_programs"] == 1
+    assert r["passes"]["warm_cache"]["cache_files"] > 0 and "warm_cache_over_cold_cache" in r["ratios"]
