@@ -181,7 +181,9 @@ def _data_prepare(args) -> int:
 def _main_job(args) -> int:
     from btoks_jax.main_job import run
 
-    run(args.workdir, steps=args.steps, only=args.only)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    run(args.workdir, steps=args.steps, only=args.only, ablation=args.ablation, seeds=seeds,
+        pretrain_steps=args.pretrain_steps)
     return 0
 
 
@@ -263,10 +265,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a progress bar per data set when stderr is a terminal")
     dp.set_defaults(fn=_data_prepare)
 
-    m = sub.add_parser("main", help="the demo: train BToks and last-token baselines on emoji data, compare")
+    m = sub.add_parser("main", help="the demo: pretrain a tiny Qwen2-VL on emoji captions, then train BToks and "
+                                    "last-token embedders from it, compare")
     m.add_argument("--workdir", default="runs/main")
-    m.add_argument("--steps", type=int, default=None)
-    m.add_argument("--only", default="", help="run one stage: data, train_btoks, train_last, eval, export, report")
+    m.add_argument("--steps", type=int, default=None, help="steps of every embedding arm (default 400)")
+    m.add_argument("--pretrain-steps", type=int, default=None, help="steps of the generative first stage "
+                   "(default 200)")
+    m.add_argument("--ablation", action="store_true", help="all four arms of the paper's ablation (last-token, "
+                   "BToks without GIC, GIC without the mask, the method), seeds 0 and 1")
+    m.add_argument("--seeds", default="", help="comma-separated seeds of the arms (default: 0; 0,1 with "
+                   "--ablation); must include 0")
+    m.add_argument("--only", default="", help="run one stage: data, pretrain, train, eval, export, decode, report")
     m.set_defaults(fn=_main_job)
     return p
 

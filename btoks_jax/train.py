@@ -278,6 +278,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer = SummaryWriter(fs.join(workdir, "tensorboard"))
         history = fs.LineLog(fs.join(workdir, "metrics.jsonl"))
     total = config.total_steps
+    if start == 0 and config.checkpoint.get("save_initial", False) and mgr.latest_step() is None:
+        checkpoint.save(mgr, 0, state, frozen, data.get_state(), meta, force=True)
     preempt = _Preemption()
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not is_main or not config.get(
         "progress", True), dynamic_ncols=True)

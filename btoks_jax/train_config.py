@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
         prompt_style="btoks", rope_convention="legacy", image_min_pixels=28 * 28 * 4,
         image_max_pixels=28 * 28 * 1280, video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 768,
         video_num_frames=8, video_frame_sampling="linspace", seed=0, num_threads=16, prefetch_batches=2)
-    c.checkpoint = dict(every=500, keep=3, async_save=True)
+    # save_initial: also save the weights as they are before the first step (step 0), e.g. to show what a run
+    # started from; the keep-last-K rule drops it like any other step.
+    c.checkpoint = dict(every=500, keep=3, async_save=True, save_initial=False)
     c.evals = []  # evaluate.hooks.RetrievalHook specs
     c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
     return c
