@@ -11,8 +11,8 @@ Stages (each re-runs alone with `--only STAGE`; finished work is skipped, traini
   train     the arms (`ARMS`), each from WORKDIR/hf_pretrain, into WORKDIR/<arm>_seed<S>
   eval      `btoks eval` on the held-out concepts (test split) for every arm and seed
   export    the method's model to Hugging Face format; its embeddings recomputed in PyTorch must match
-  decode    text generated greedily from the BToks alone (condensation mask) of held-out images, beside their
-            true names: what the K tokens carry
+  decode    text generated greedily from the BToks alone (condensation mask) of held-out images (and a few of
+            training concepts), beside their true names: what the K tokens carry
   report    the table (WORKDIR/report.md, .json), the plot (WORKDIR/report.png) and the decoded examples;
             with --ablation WORKDIR/ablation.md, .json, .png
 
@@ -49,7 +49,8 @@ PAPER_DELTAS = {"last": -2.9, "full": -1.1, "btoks_nce": -1.4}
 DEFAULT_STEPS = 400
 DEFAULT_PRETRAIN_STEPS = 200
 CHANCE = {"emoji_i2t": 1 / 51, "emoji_t2i": 1 / 51, "emoji_cls": 1 / 99}
-NUM_DECODED = 8
+NUM_DECODED = 8  # held-out images decoded in the report
+NUM_DECODED_TRAIN = 4  # and images of training concepts, for contrast
 
 
 def _config(arguments: str):
@@ -156,21 +157,32 @@ def stage_export(workdir: str, n_check: int = 12) -> dict:
     return result
 
 
-def stage_decode(workdir: str, runs: list[tuple[str, int]], n: int = NUM_DECODED) -> dict:
-    """Greedy text from the BToks of `n` held-out i2t query images, for every GIC arm (and the pretrained model
-    captioning with the whole image visible, for reference), beside the images' true names."""
+def stage_decode(workdir: str, runs: list[tuple[str, int]], name: str = "report", n: int = NUM_DECODED,
+                 n_train: int = NUM_DECODED_TRAIN) -> dict:
+    """Greedy text from the BToks of `n` held-out i2t query images (and, for contrast, `n_train` images of training
+    concepts), for every GIC arm, and from the pretrained model captioning with the whole image visible, beside
+    the images' true names. Kept in WORKDIR/<name>_decoded.json."""
+    import dataclasses
+
     import btoks_jax
     from btoks_jax.evaluate.mmeb import read_eval_rows
 
-    path = os.path.join(workdir, "decoded.json")
+    path = os.path.join(workdir, f"{name}_decoded.json")
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f)
-    rows = read_eval_rows(os.path.join(workdir, "data", "emoji_i2t_test.jsonl"), os.path.join(workdir, "data"))
+    data = os.path.join(workdir, "data")
+    rows = read_eval_rows(os.path.join(data, "emoji_i2t_test.jsonl"), data)
     pick = np.linspace(0, len(rows) - 1, n).round().astype(int)
     queries = [rows[i].query for i in pick]
-    result = {"images": [os.path.relpath(q.image, workdir) for q in queries],
-              "names": [rows[i].candidates[0].text for i in pick], "decoded": {}}
+    names = [rows[i].candidates[0].text for i in pick]
+    with open(os.path.join(data, "emoji_i2t_train.jsonl")) as f:
+        train = [json.loads(line) for line in f]
+    for i in np.linspace(0, len(train) - 1, n_train).round().astype(int):  # same instruction, a training image
+        queries.append(dataclasses.replace(queries[0], image=os.path.join(data, train[i]["qry_image_path"])))
+        names.append(train[i]["pos_text"])
+    result = {"images": [os.path.relpath(q.image, workdir) for q in queries], "names": names,
+              "split": ["test"] * n + ["train"] * n_train, "decoded": {}}
     pretrained = btoks_jax.from_pretrained(os.path.join(workdir, "pretrain"))
     result["decoded"]["pretrain (whole image visible)"] = pretrained.generate_from_btoks(queries, mask_mode="full")
     for arm, seed in runs:
@@ -228,6 +240,11 @@ def _history(run_dir: str):
     return train_rows, eval_rows
 
 
+def _cell(text: str) -> str:
+    """Generated text as one markdown table cell: line breaks shown as `⏎`, pipes escaped."""
+    return text.replace("\n", "⏎").replace("|", "\\|") if text else "(nothing)"
+
+
 def _spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -250,11 +267,11 @@ def stage_report(workdir: str, arms: list[str], seeds: list[int], scores: dict, 
     for arm in arms:
         per_seed = []
         for seed in seeds:
-            name = run_name(arm, seed)
-            ds = scores[name]["datasets"]
+            run = run_name(arm, seed)
+            ds = scores[run]["datasets"]
             hits = [100 * ds[t]["hit@1"] for t in tasks]
-            train_rows, _ = _history(os.path.join(workdir, name))
-            with open(os.path.join(workdir, name, "DONE")) as f:
+            train_rows, _ = _history(os.path.join(workdir, run))
+            with open(os.path.join(workdir, run, "DONE")) as f:
                 seconds = json.load(f)["seconds"]
             per_seed.append({"seed": seed, "hit@1": dict(zip(tasks, hits)), "mean": float(np.mean(hits)),
                              "final_info_nce": train_rows[-1]["info_nce"] if train_rows else float("nan"),
@@ -281,10 +298,13 @@ def stage_report(workdir: str, arms: list[str], seeds: list[int], scores: dict, 
             f"{pretrain_seconds / 60:.1f} min).", "", *lines, "",
             f"Exported method model re-embedded in PyTorch: max |diff| = {export['max_abs_diff']:.2e} over "
             f"{export['items']} items.", "", "What the bottleneck kept: greedy text from held-out images "
-            "(the BTok runs see only the K BToks' states):", "",
-            "| true name | " + " | ".join(decoded["decoded"]) + " |", "|---|" + "---|" * len(decoded["decoded"])]
+            "(the BTok runs see only the K BToks' states; ⏎ is a generated line break):", "",
+            "| concept | true name | " + " | ".join(decoded["decoded"]) + " |",
+            "|---|---|" + "---|" * len(decoded["decoded"])]
     for i, true_name in enumerate(decoded["names"]):
-        text.append(f"| {true_name} | " + " | ".join(v[i] or "(empty)" for v in decoded["decoded"].values()) + " |")
+        cells = [_cell(v[i]) for v in decoded["decoded"].values()]
+        split = decoded.get("split", ["test"] * len(decoded["names"]))[i]
+        text.append(f"| {'held out' if split == 'test' else 'trained on'} | {true_name} | " + " | ".join(cells) + " |")
     report = "\n".join(text)
     with open(os.path.join(workdir, f"{name}.md"), "w") as f:
         f.write(f"# btoks main: {command}\n\n{report}\n")
@@ -352,11 +372,11 @@ def run(workdir: str, steps: int | None = None, only: str = "", *, ablation: boo
             stage_train(workdir, arm, seed, steps, extra)
     scores = stage_eval(workdir, runs) if ("eval" in want or "report" in want) else None
     export = stage_export(workdir) if ("export" in want or "report" in want) else None
-    decoded = stage_decode(workdir, runs) if ("decode" in want or "report" in want) else None
+    name = "ablation" if ablation else "report"
+    decoded = stage_decode(workdir, runs, name) if ("decode" in want or "report" in want) else None
     if "report" in want:
         command = "btoks main" + (" --ablation" if ablation else "") + f" --steps {steps}" \
             + f" --pretrain-steps {pretrain_steps} --seeds {','.join(map(str, seeds))}"
-        name = "ablation" if ablation else "report"
         print(stage_report(workdir, arms, seeds, scores, export, decoded, command, name))
         print(f"report: {os.path.join(workdir, name + '.md')}, plot: {os.path.join(workdir, name + '.png')}")
     log.info("main job stages %s took %.1f min", ",".join(want), (time.perf_counter() - t0) / 60)

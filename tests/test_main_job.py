@@ -63,9 +63,10 @@ def test_report_has_the_table_the_plot_and_the_decoded_examples(main_run):
         assert all(0 <= v <= 100 for v in rows[0]["hit@1"].values())
     assert report["export_check"]["max_abs_diff"] <= 1e-4
     decoded = report["decoded"]
-    assert len(decoded["names"]) == main_job.NUM_DECODED
+    assert len(decoded["names"]) == main_job.NUM_DECODED + main_job.NUM_DECODED_TRAIN
+    assert decoded["split"] == ["test"] * main_job.NUM_DECODED + ["train"] * main_job.NUM_DECODED_TRAIN
     assert set(decoded["decoded"]) == {"pretrain (whole image visible)", "method_seed0 (BToks only)"}
-    assert all(len(v) == main_job.NUM_DECODED and all(isinstance(t, str) for t in v)
+    assert all(len(v) == len(decoded["names"]) and all(isinstance(t, str) for t in v)
                for v in decoded["decoded"].values())
     text = open(os.path.join(main_run, "report.md")).read()
     for label in ("last-token + InfoNCE", "BToks + InfoNCE + GIC (condensation mask)", decoded["names"][0]):
