@@ -14,7 +14,10 @@ to a temporary folder).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
+import re
 from collections.abc import Sequence
 
 import jax
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 from btoks_jax import build, checkpoint, fs, sharding
 from btoks_jax.btoks import BToksModel
 from btoks_jax.convert.hf_import import hf_config
-from btoks_jax.evaluate.mmeb import Item
+from btoks_jax.evaluate.mmeb import Item, ItemError
 from btoks_jax.inputs import encode_target, pack, pack_hf_inputs
 from btoks_jax.mask import Layout
 from btoks_jax.model_config import IM_END_ID, Qwen2VLConfig
@@ -36,6 +39,19 @@ from btoks_jax.processing import (
     load_tokenizer,
     sample_frame_indices,
 )
+from btoks_jax.processing.image import MediaError
+
+log = logging.getLogger(__name__)
+
+# Text tokens an item keeps (`Embedder.max_text_tokens`): vision pads, their <|vision_start|>/<|vision_end|>
+# wrappers and every other special token are not counted and never cut. Neither reference bounds texts by
+# default: the authors' Qwen2VLProcessorWrapper (src/vlm2emb/data/processors/qwen2_vl.py) has max_length=None and
+# then truncates nothing (their VLM2VecTrainingArguments.max_length=512 is stored, never applied); VLM2Vec's
+# Qwen2_VL_process_fn (src/model/processor.py) passes DataArguments.max_len=None, which truncates text-only
+# inputs at the tokenizer's model_max_length (32768 for Qwen2-VL) and inputs with media not at all. An unbounded
+# default lets one long text take any amount of memory and time, so the default is a bound: 8192, far above
+# ordinary inputs (captions, questions, passages), which are embedded exactly as both references embed them.
+DEFAULT_MAX_TEXT_TOKENS = 8192
 
 
 def item_prompt(item: Item, style: str = "vlm2vec") -> str:
@@ -74,6 +90,9 @@ class Embedder:
     prompt_style: str = "vlm2vec"
     max_frames: int = 8
     mesh: jax.sharding.Mesh | None = None
+    # Text tokens kept per item (DEFAULT_MAX_TEXT_TOKENS); longer texts are cut at the end, with one warning per
+    # call counting the items cut. None: no budget (memory then grows with the longest text).
+    max_text_tokens: int | None = DEFAULT_MAX_TEXT_TOKENS
 
     def __post_init__(self):
         self._embed_fns = {}
@@ -151,11 +170,73 @@ class Embedder:
             return np.asarray(fn(self.model, inputs))
 
     def embed_batch(self, items: Sequence[Item], pooling: str = "btoks") -> np.ndarray:
-        """float32[len(items), D], L2-normalised."""
+        """float32[len(items), D], L2-normalised. Texts over `max_text_tokens` are cut (`apply_text_budget`, one
+        warning); an item whose media cannot be read raises ItemError (a ValueError) with its index in `items`."""
+        items, cut = self.apply_text_budget(items)
+        self._warn_cut(cut, len(items))
+        return self._embed_batch(items, pooling)
+
+    def _embed_batch(self, items: Sequence[Item], pooling: str) -> np.ndarray:
         if pooling == "btoks" and self.num_btoks == 0:
             raise ValueError("this model has no BToks (K = 0): use pooling='last'")
-        packed, n = self._pack_items(items)
+        try:
+            packed, n = self._pack_items(items)
+        except ValueError:
+            bad = self.find_unreadable(items)
+            if bad is None:
+                raise
+            raise bad from None
         return self._run(self._embed_fn(packed.layout, pooling), packed.inputs)[:n]
+
+    def find_unreadable(self, items: Sequence[Item]) -> ItemError | None:
+        """The ItemError of the first item whose image or video the processor cannot take on its own (a file that
+        is missing, empty, not an image, truncated or over Pillow's size limit; frames of different sizes; an
+        aspect ratio over 200), or None. Host side only: what `_pack_items` runs before the model."""
+        for index, item in enumerate(items):
+            try:
+                if item.video:
+                    self.processor.video_processor([self._load_video(item.video)])
+                elif item.image:
+                    self.processor.image_processor([item.image])
+            except ValueError as err:
+                field = "video" if item.video else "image"
+                if isinstance(err, MediaError):
+                    message = f"cannot read {'frame' if item.video else 'image'} {err.path}: {err.reason}"
+                else:
+                    message = f"{item.video[0] if item.video else item.image}: {err}"
+                return ItemError(field, message, index=index, item=item)
+        return None
+
+    def apply_text_budget(self, items: Sequence[Item]) -> tuple[list[Item], int]:
+        """(the items, each with at most `max_text_tokens` text tokens, and how many were cut). An item over the
+        budget becomes its finished prompt (`item_prompt`) cut by `truncate_text_tokens`, which keeps every
+        vision pad and special token and drops text tokens from the end; the others are returned as they are."""
+        budget = self.max_text_tokens
+        if budget is None:
+            return list(items), 0
+        if budget < 1:
+            raise ValueError(f"max_text_tokens must be at least 1 (or None for no budget), got {budget}")
+        out, cut = [], 0
+        for item in items:
+            prompt = item_prompt(item, self.prompt_style)
+            # A token holds at least one UTF-8 byte, so a prompt of at most `budget` bytes is within the budget.
+            if len(prompt) <= budget // 4 or (len(prompt) <= budget and len(prompt.encode("utf-8")) <= budget):
+                out.append(item)
+                continue
+            text, was_cut = truncate_text_tokens(self.processor.tokenizer, prompt, budget)
+            if was_cut:
+                # A prompt without an instruction is fed verbatim (`item_prompt`), its pads already in place.
+                out.append(Item(text=text, image=item.image, video=item.video))
+                cut += 1
+            else:
+                out.append(item)
+        return out, cut
+
+    def _warn_cut(self, cut: int, total: int) -> None:
+        if cut:
+            log.warning("%d of %d item(s) have more than %d text tokens: their text was cut to the first %d "
+                        "(Embedder.max_text_tokens; btoks embed --max-text-tokens)", cut, total,
+                        self.max_text_tokens, self.max_text_tokens)
 
     def generate_from_btoks(self, items: Sequence[Item], *, max_new_tokens: int = 16,
                             mask_mode: str = "condensation", batch_size: int = 16) -> list[str]:
@@ -205,13 +286,21 @@ class Embedder:
 
     def embed_items(self, items: Sequence[Item], *, pooling: str = "btoks", batch_size: int = 16,
                     progress: bool = True) -> np.ndarray:
-        """Embeds items in batches, grouped by kind so image and text items do not share padding."""
+        """Embeds items in batches, grouped by kind so image and text items do not share padding. Texts over
+        `max_text_tokens` are cut (one warning counting them); an item whose media cannot be read raises ItemError
+        (a ValueError) with its index in `items`."""
+        items, cut = self.apply_text_budget(items)
+        self._warn_cut(cut, len(items))
         out = np.zeros((len(items), self.config.text_config.hidden_size), np.float32)
         order = sorted(range(len(items)), key=lambda i: (items[i].kind, len(items[i].text)))
         bar = tqdm(total=len(items), desc="embedding", unit="item", disable=not progress)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            out[idx] = self.embed_batch([items[i] for i in idx], pooling)
+            try:
+                out[idx] = self._embed_batch([items[i] for i in idx], pooling)
+            except ItemError as err:
+                err.index = idx[err.index]
+                raise
             bar.update(len(idx))
         bar.close()
         return out
@@ -234,7 +323,7 @@ class Embedder:
                           f"{float(squares)!r}\n".encode())
         image = self.processor.image_processor
         digest.update(f"{pooling}|{self.prompt_style}|{self.rope_convention}|{self.num_btoks}|{self.max_frames}|"
-                      f"{image.min_pixels}|{image.max_pixels}".encode())
+                      f"{image.min_pixels}|{image.max_pixels}|{self.max_text_tokens}".encode())
         return digest.hexdigest()
 
     def embed(self, texts: Sequence[str], images: Sequence[str | None] | None = None, *,
@@ -244,6 +333,73 @@ class Embedder:
         instructions = instructions or [""] * len(texts)
         items = [Item(text=t, image=i, instruction=s) for t, i, s in zip(texts, images, instructions)]
         return self.embed_items(items, pooling=pooling, batch_size=batch_size, progress=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _max_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token of the vocabulary stands for (byte-level BPE: one character per byte)."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def _split_added_tokens(tokenizer, text: str) -> list[str]:
+    """`text` split around the tokenizer's added tokens: [text, added token, text, ..., text]."""
+    tokens = sorted(tokenizer.get_added_vocab(), key=len, reverse=True)
+    if not tokens:
+        return [text]
+    return re.split("(" + "|".join(map(re.escape, tokens)) + ")", text)
+
+
+def _count_text_tokens(tokenizer, pieces: Sequence[str]) -> int:
+    texts = [piece for i, piece in enumerate(pieces) if i % 2 == 0 and piece]
+    return sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+
+
+def truncate_text_tokens(tokenizer, text: str, max_tokens: int) -> tuple[str, bool]:
+    """(`text` with at most `max_tokens` text tokens, whether anything was cut).
+
+    Added tokens (the vision pads and their <|vision_start|>/<|vision_end|> wrappers, <|im_start|> and the
+    other special tokens, the BToks) are not counted and are all kept, in place; text tokens are kept from the
+    start and the rest dropped, as right-side truncation does. The tokenizer only ever sees a bounded prefix of
+    each stretch of text (a few characters per kept token, grown as needed up to `max_tokens` times the longest
+    token's bytes), so a text of any length costs about what one at the budget does; the result is checked once
+    more after the cut, since a cut inside a word can re-tokenize one token longer."""
+    widest = _max_token_bytes(tokenizer)
+    pieces = _split_added_tokens(tokenizer, text)
+    limit, cut = max_tokens, False
+    for _ in range(4):
+        kept, left = [], limit
+        for i, piece in enumerate(pieces):
+            if i % 2 or not piece:
+                kept.append(piece)
+                continue
+            if left == 0:
+                kept.append("")
+                cut = True
+                continue
+            # A prefix of a few characters per token first, doubled until it holds more than `left` tokens (or is
+            # the whole piece, or reaches the bound above): a long text costs about twice its kept part.
+            size = min(left * 8, left * widest)
+            while True:
+                head = piece[:size]
+                offsets = tokenizer(head, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                if len(head) == len(piece) or len(offsets) > left or size >= left * widest:
+                    break
+                size = min(2 * size, left * widest)
+            if len(head) == len(piece) and len(offsets) <= left:
+                kept.append(piece)
+                left -= len(offsets)
+                continue
+            keep = min(left, len(offsets))
+            # Byte-level tokens may split a character: back off to a token that ends where the next one starts.
+            while keep and keep < len(offsets) and offsets[keep][0] < offsets[keep - 1][1]:
+                keep -= 1
+            kept.append(piece[: offsets[keep - 1][1]] if keep else "")
+            left, cut = 0, True
+        over = _count_text_tokens(tokenizer, kept) - max_tokens
+        if over <= 0:
+            return "".join(kept), cut
+        limit -= over
+    raise ValueError(f"cannot cut a text to {max_tokens} tokens")  # not reached with a BPE tokenizer
 
 
 def _repeat_last(hf: dict, extra: int) -> dict:
@@ -372,4 +528,5 @@ def _count_btoks(directory: str) -> int:
     return k
 
 
-__all__ = ["Embedder", "from_pretrained", "item_prompt"]
+__all__ = ["DEFAULT_MAX_TEXT_TOKENS", "Embedder", "ItemError", "from_pretrained", "item_prompt",
+           "truncate_text_tokens"]

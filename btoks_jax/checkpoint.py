@@ -7,10 +7,16 @@ writes each step into a temporary directory and renames it when complete, so a k
 leaves a half-written step behind as the latest. On `gs://` Orbax writes the arrays with tensorstore
 and marks a step complete with a commit file instead of the rename; the directory reads here go
 through `btoks_jax.fs`, so every function takes a local path or a `gs://` URL.
+
+A save that fails (a full disk, a folder that refuses writes) never replaces the steps saved before: the
+unfinished step stays a temporary directory, which the next manager on that folder removes, and the step is
+not counted. An asynchronous save's error comes out of the next `save` or `wait` as a `CheckpointError` that
+names the folder, the error and the complete steps that are kept.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import jax
@@ -19,6 +25,7 @@ import orbax.checkpoint as ocp
 from btoks_jax import fs
 
 ITEMS = ("state", "frozen", "data", "meta")
+_LAST_SAVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # manager -> the step `save` started last
 
 
 class CheckpointError(ValueError):
@@ -27,9 +34,11 @@ class CheckpointError(ValueError):
 
 def manager(workdir: str, *, max_to_keep: int = 3, save_every: int = 1, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: a step whose save was cut short (a killed run, a full disk) is removed when the
+    # next run opens the folder, so the leftovers of repeated preemptions do not fill the disk.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, save_interval_steps=save_every, enable_async_checkpointing=async_save,
-        create=not read_only, read_only=read_only)
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(checkpoints_dir(workdir), options=options, item_names=ITEMS)
 
 
@@ -43,11 +52,40 @@ def checkpoints_dir(workdir: str) -> str:
 
 def save(mgr: ocp.CheckpointManager, step: int, state, frozen, data_state: dict, meta: dict, *,
          force: bool = False) -> bool:
+    """Starts saving `step` (asynchronously when the manager is). Raises `CheckpointError` when this save, or an
+    earlier asynchronous one that had not finished, failed; the complete steps before it are kept."""
     items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
                  meta=ocp.args.JsonSave(meta))
     if jax.tree.leaves(frozen):  # full fine-tuning leaves nothing frozen, and Orbax refuses empty items
         items["frozen"] = ocp.args.StandardSave(frozen)
-    return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+    previous = _LAST_SAVE.get(mgr)
+    _LAST_SAVE[mgr] = step
+    try:
+        return mgr.save(step, args=ocp.args.Composite(**items), force=force)
+    # This save or the asynchronous one before it, which this one waits for: OSError from Python's writes,
+    # ValueError (RESOURCE_EXHAUSTED, ...) from tensorstore's.
+    except Exception as e:  # noqa: BLE001 - every failure of a save is reported the same way
+        what = f"saving step {step}" if previous is None else f"saving step {previous} or step {step}"
+        raise _save_failed(mgr, what, e) from e
+
+
+def wait(mgr: ocp.CheckpointManager) -> None:
+    """Blocks until the manager's saves are finished; `CheckpointError` when one failed."""
+    try:
+        mgr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - as in `save`
+        step = _LAST_SAVE.get(mgr)
+        raise _save_failed(mgr, "saving" + (f" step {step}" if step is not None else ""), e) from e
+
+
+def _save_failed(mgr: ocp.CheckpointManager, what: str, error: OSError) -> CheckpointError:
+    try:
+        kept = sorted(mgr.all_steps(read=True))
+    except Exception:  # noqa: BLE001 - the folder itself may be what fails; the first error is the one to report
+        kept = sorted(mgr.all_steps())
+    resume = f"a rerun resumes from step {kept[-1]}" if kept else "there is no complete step to resume from"
+    return CheckpointError(f"{mgr.directory}: {what} failed: {error}. The complete checkpoints before it are kept "
+                           f"(steps {kept}); {resume}. Free space or fix the folder before rerunning.")
 
 
 def abstract_like(tree, shardings):

@@ -35,13 +35,17 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _read_embed_rows(path: str):
+def _read_embed_rows(path: str, *, allow_outside_root: bool = False, with_rows: bool = False):
     """JSONL rows {text, image?, video?, instruction?, id?} -> Items; media paths relative to the file (local or a
     `gs://` URL). A video is a folder of frames or a list of frame paths. Read with the MMEB readers' field readers
-    and error format."""
+    and error format: a bad row raises ValueError `{file}: row {n}: field '{field}': ...`. Media paths must stay
+    in the file's folder unless `allow_outside_root`; local images and frames are checked to open as images
+    (`check_image`: not empty, an image, within Pillow's size limit, its structure intact) before any model is
+    loaded. `with_rows`: return (items, the 1-based row number of each)."""
     from btoks_jax import fs
     from btoks_jax.data.media import RowError, image_path, iter_records, string_field, video_frames
     from btoks_jax.evaluate.mmeb import Item
+    from btoks_jax.processing.image import MediaError, check_image
 
     if fs.is_remote(path):
         file, base = path, fs.dirname(path)
@@ -49,35 +53,52 @@ def _read_embed_rows(path: str):
         file = Path(path)
         base = file.resolve().parent
     files = fs.FileIndex()
-    items = []
+    items, numbers = [], []
     for n, row in iter_records(file):
         source = f"{path}: row {n}"
         if not isinstance(row, dict):
-            raise ValueError(f"{source}: expected a JSON object")
+            raise ValueError(f"{source}: expected a JSON object, got {type(row).__name__}")
         unknown = set(row) - {"text", "image", "video", "instruction", "id"}
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {sorted(unknown)}")
         try:
             text = string_field(row, "text", required=False)
             inst = string_field(row, "instruction", required=False)
-            image = image_path(string_field(row, "image", required=False) or None, base, "image", files=files)
-            video = video_frames(row.get("video"), base, "video", files=files)
+            image = image_path(string_field(row, "image", required=False) or None, base, "image", files=files,
+                               allow_outside_root=allow_outside_root)
+            video = video_frames(row.get("video"), base, "video", files=files, allow_outside_root=allow_outside_root)
+            for field, media, kind in (("image", (image,) if image else (), "image"), ("video", video or (), "frame")):
+                for media_path in media:
+                    if not fs.is_remote(media_path):
+                        try:
+                            check_image(media_path)
+                        except MediaError as err:
+                            raise RowError(field, f"cannot read {kind} {media_path}: {err.reason}") from None
         except RowError as err:
             raise err.at(source) from None
         if not text and not inst and image is None and video is None:
             raise ValueError(f"{source}: empty input (no text, instruction, image or video)")
         items.append(Item(text=text, image=image, video=video, instruction=inst))
+        numbers.append(n)
     if not items:
         raise ValueError(f"{path}: no rows")
-    return items
+    return (items, numbers) if with_rows else items
 
 
 def _embed(args) -> int:
     import btoks_jax
+    from btoks_jax.evaluate.mmeb import ItemError
 
-    items = _read_embed_rows(args.input)
+    items, numbers = _read_embed_rows(args.input, allow_outside_root=args.allow_outside_media, with_rows=True)
+    if args.max_text_tokens is not None and args.max_text_tokens < 1:
+        raise ValueError(f"--max-text-tokens must be at least 1, got {args.max_text_tokens}")
     model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks)
-    vectors = model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size, progress=True)
+    if args.max_text_tokens is not None:
+        model.max_text_tokens = args.max_text_tokens
+    try:
+        vectors = model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size, progress=True)
+    except ItemError as err:  # an image or frame that opened but does not decode: name its row
+        raise err.at(f"{args.input}: row {numbers[err.index]}") from None
     from btoks_jax import fs
 
     if fs.is_remote(args.output):  # one PUT: readers see no object or the whole file
@@ -101,10 +122,14 @@ def _eval(args) -> int:
     if bool(args.data) == bool(args.mmeb_v2):
         raise ValueError("give exactly one of --data (a folder of MMEB-V2-format rows) and --mmeb-v2 (the download "
                          "root of the published MMEB-V2 sets)")
+    if args.max_text_tokens is not None and args.max_text_tokens < 1:
+        raise ValueError(f"--max-text-tokens must be at least 1, got {args.max_text_tokens}")
     from btoks_jax import fs
 
     model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks,
                                       prompt_style=args.prompt_style or None)
+    if args.max_text_tokens is not None:
+        model.max_text_tokens = args.max_text_tokens
     fn = lambda items: model.embed_items(items, pooling=args.pooling, batch_size=args.batch_size,  # noqa: E731
                                          progress=False)
     datasets = args.datasets.split(",") if args.datasets else None
@@ -122,7 +147,8 @@ def _eval(args) -> int:
         summary = evaluate_mmeb_v2(fn, args.mmeb_v2, out, style=model.prompt_style,
                                    media_dir=fs.joinpath(cache, "media"),
                                    store=store, datasets=datasets, batch_size=args.batch_size, max_rows=args.max_rows,
-                                   overwrite=args.overwrite, model_name=name)
+                                   overwrite=args.overwrite, model_name=name,
+                                   allow_outside_media=args.allow_outside_media)
         print(mmeb.format_summary(summary))
         if summary["missing"]:
             print(f"{len(summary['missing'])} of the 78 data sets were not found under {args.mmeb_v2}:")
@@ -133,7 +159,7 @@ def _eval(args) -> int:
     from btoks_jax.evaluate.run import evaluate_folder
 
     summary = evaluate_folder(fn, args.data, out_dir=out, datasets=datasets, batch_size=args.batch_size,
-                              max_rows=args.max_rows)
+                              max_rows=args.max_rows, allow_outside_root=args.allow_outside_media)
     print(mmeb.format_summary(summary))
     for name, s in summary["datasets"].items():
         print(f"{name:<24} hit@1 {100 * s['hit@1']:5.1f}   ndcg_linear@5 {100 * s['ndcg_linear@5']:5.1f}")
@@ -175,6 +201,11 @@ def _data_prepare(args) -> int:
         print(f"{name}: missing ({why})")
     print(f"{len(report['prepared']) + len(report['skipped'])} data sets in {out} (prompt style "
           f"{args.prompt_style}); manifest: {os.path.join(out, 'manifest.json')}")
+    root, where = os.path.realpath(args.root), os.path.realpath(out)
+    if root != where and not root.startswith(where.rstrip(os.sep) + os.sep):
+        # Media paths that leave the data folder are refused unless a media folder is named (DatasetSpec).
+        print(f"the rows reach the downloaded media in {args.root} through '..': train with "
+              f"configs/qwen2vl_2b.py:data_root={out},media_root={args.root} (DatasetSpec.media_roots)")
     return 0
 
 
@@ -200,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--num-btoks", type=int, default=None)
+    e.add_argument("--max-text-tokens", type=int, default=None, metavar="N",
+                   help="text tokens kept per input, the rest cut and counted in a warning; vision and special "
+                        "tokens are never cut (default: Embedder.max_text_tokens, 8192)")
+    e.add_argument("--allow-outside-media", action="store_true",
+                   help="read media paths that leave the input file's folder (absolute paths, '..', symbolic "
+                        "links pointing out), refused by default")
     e.set_defaults(fn=_embed)
 
     v = sub.add_parser("eval", help="evaluate on an MMEB-V2-format folder")
@@ -224,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-rows", type=int, default=None)
     v.add_argument("--step", type=int, default=None)
     v.add_argument("--num-btoks", type=int, default=None)
+    v.add_argument("--max-text-tokens", type=int, default=None, metavar="N",
+                   help="text tokens kept per item (default: Embedder.max_text_tokens, 8192)")
+    v.add_argument("--allow-outside-media", action="store_true",
+                   help="read media paths that leave the data folder (--data) or the MMEB-V2 root and cache "
+                        "(--mmeb-v2): absolute paths, '..', symbolic links pointing out; refused by default")
     v.set_defaults(fn=_eval)
 
     x = sub.add_parser("export", help="export a checkpoint to Hugging Face PyTorch format")

@@ -2,8 +2,8 @@
 
 Parameters carry logical axis names (set once, in the model files). One rules table maps them to
 the mesh axes `data`, `fsdp` and `tensor`; nothing inside a layer names a mesh axis or builds a
-PartitionSpec. A logical name the rules do not know, and a dimension that the mesh axes it maps to
-do not divide, are errors: nothing is replicated by accident.
+PartitionSpec. A logical name the rules do not know, a parameter without logical names, and a
+dimension that the mesh axes it maps to do not divide, are errors: nothing is replicated by accident.
 """
 
 from __future__ import annotations
@@ -113,10 +113,29 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Any] = DEF
     def one(path, var):
         logical = var.get_metadata().get("out_sharding")
         where = jax.tree_util.keystr(path, simple=True, separator=".")
+        if not logical and isinstance(var, nnx.Param) and len(var.value.shape):
+            # A parameter created without names would be replicated on every device without anyone asking.
+            raise ValueError(f"{where}: parameter of shape {tuple(var.value.shape)} has no logical axis names "
+                             "(sharding_names); name each dimension where it is created (None for a replicated one)")
         spec = logical_to_spec(logical, var.value.shape, mesh, rules, where=where) if logical else PartitionSpec()
         return var.replace(value=NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_model_mesh(config, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES) -> None:
+    """Raises ValueError when the mesh axes that `rules` give the attention heads do not divide the model's head
+    counts (a `tensor` axis of 4 for 2 key/value heads would cut heads apart); `config` a `Qwen2VLConfig`."""
+    counts = (("q_heads", config.text_config.num_attention_heads, "text num_attention_heads"),
+              ("kv_heads", config.text_config.num_key_value_heads, "text num_key_value_heads"),
+              ("vis_heads", config.vision_config.num_heads, "vision num_heads"))
+    for name, count, key in counts:
+        axes = _mesh_axes(name, mesh, rules, where="model heads")
+        shards = _axis_size(mesh, axes)
+        if count % shards:
+            sizes = " x ".join(f"{a}={mesh.shape[a]}" for a in axes)
+            raise ValueError(f"the model's {key}={count} does not divide over the mesh axes the sharding rules give "
+                             f"{name!r} ({sizes}); choose a mesh whose {' x '.join(axes)} size divides {count}")
 
 
 def batch_shardings(tree, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):

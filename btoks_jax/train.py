@@ -11,6 +11,10 @@ and `tensorboard/` (tensorboardX, which writes `gs://` through google-cloud-stor
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import inspect
 import json
 import logging
 import os
@@ -78,6 +82,147 @@ def run_meta(config, model_cfg: Qwen2VLConfig) -> dict[str, Any]:
         "rope_convention": config.data.rope_convention,
         "config": json.loads(config.to_json_best_effort()),
     }
+
+
+# ============================================================================== config checks
+
+# Keys that may change when a run resumes: they do not alter the batches or the math of the steps (where the files
+# live, logging, checkpoint cadence, evaluation, the mesh and the kernels, which re-place the same values). Every
+# other key must be what the checkpoint was written with; `resume_changes` names those that differ.
+RESUME_MAY_CHANGE = ("log_every", "progress", "compilation_cache_dir", "evals", "distributed", "checkpoint", "mesh",
+                     "sharding_rules", "model.hf_dir", "model.attention_impl", "model.remat", "data.num_threads",
+                     "data.prefetch_batches", "data.prepare", "data.prepare_dir", "data.on_bad_row",
+                     "data.max_skip_fraction", "train")
+# A data set may move (local -> gs://); its name, weight, sides stay.
+_DATASET_LOCATION = ("path", "image_root", "media_roots")
+
+
+def config_schema() -> dict[str, Any]:
+    """The keys each section of a training config may hold: a set per fixed section (a nested dict for
+    `model.overrides`), None for free-form values. From the defaults (`train_config.base_config`) and the
+    dataclasses the sections become."""
+    from btoks_jax import train_config
+    from btoks_jax.data.mmeb_train import DatasetSpec
+    from btoks_jax.data.pipeline import PipelineConfig
+    from btoks_jax.model_config import TextConfig, VisionConfig
+
+    base = train_config.base_config().to_dict()
+    fields = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    schema: dict[str, Any] = {key: (set(value) if isinstance(value, dict) else None) for key, value in base.items()}
+    schema["model"] = set(base["model"])
+    schema["overrides"] = {"text": fields(TextConfig), "vision": fields(VisionConfig)}
+    schema["lora"] = fields(LoRAConfig) | {"enabled"}
+    schema["step"] = fields(train_step.StepConfig)
+    schema["optim"] = set(inspect.signature(train_step.make_optimizer).parameters) - {"total_steps"}
+    schema["data"] = fields(PipelineConfig) | {"datasets", "prepare", "prepare_dir"}
+    schema["datasets"] = fields(DatasetSpec)
+    return schema
+
+
+def check_config_keys(config) -> None:
+    """Raises ValueError naming every key of `config` that no part of the trainer reads (a typo, or a setting of
+    another version), with the nearest known key. `--config.KEY=VALUE` overrides of unknown keys are already
+    refused by ml_collections when the command line is parsed; this catches keys a config file sets."""
+    schema = config_schema()
+    unknown: list[str] = []
+
+    def check(section: dict, known, where: str) -> None:
+        for key in section:
+            if key not in known:
+                near = difflib.get_close_matches(key, sorted(known), n=1)
+                unknown.append(f"{where}{key}" + (f" (did you mean {where}{near[0]}?)" if near else ""))
+
+    tree = _to_dict(config)
+    check(tree, {k for k in schema if k not in ("overrides", "datasets")}, "")
+    for name, section in tree.items():
+        if isinstance(schema.get(name), set) and isinstance(section, dict):
+            check(section, schema[name], f"{name}.")
+    overrides = (tree.get("model") or {}).get("overrides") or {}
+    check(overrides, set(schema["overrides"]), "model.overrides.")
+    for part, known in schema["overrides"].items():
+        check(overrides.get(part) or {}, known, f"model.overrides.{part}.")
+    for i, spec in enumerate((tree.get("data") or {}).get("datasets") or []):
+        check(spec, schema["datasets"], f"data.datasets[{i}].")
+    if unknown:
+        raise ValueError(f"unknown config key(s): {'; '.join(unknown)}")
+
+
+def check_config(config, model_cfg: Qwen2VLConfig, mesh, rules) -> None:
+    """The checks that need no weights and no compilation: values the loop relies on, the mesh against the
+    model's head counts, the buckets against the smallest image. Raises ValueError naming the config keys."""
+    from btoks_jax.data.pipeline import check_budgets
+
+    for key, value in (("log_every", config.log_every), ("checkpoint.every", config.checkpoint.every),
+                       ("train.max_nonfinite_steps", max_nonfinite_steps(config))):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.{key} must be an integer >= 1, got {value!r}")
+    sharding.check_model_mesh(model_cfg, mesh, rules)
+    check_budgets(pipeline_config(config), model_cfg)
+
+
+def max_nonfinite_steps(config) -> int:
+    """How many steps in a row may have a non-finite loss or gradient (their updates are skipped) before the run
+    stops: `config.train.max_nonfinite_steps`."""
+    return (config.get("train") or {}).get("max_nonfinite_steps", 5)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: tree}
+
+
+def _comparable(config_json: dict) -> dict[str, Any]:
+    """A config (as `to_json_best_effort` writes it) as dotted key -> value; the data sets with their defaults
+    filled in and without their location."""
+    from btoks_jax.data.mmeb_train import DatasetSpec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DatasetSpec) if f.default is not dataclasses.MISSING}
+    tree = copy.deepcopy(config_json)
+    data = tree.get("data") or {}
+    if isinstance(data.get("datasets"), list):
+        data["datasets"] = [{k: v for k, v in {**defaults, **spec}.items() if k not in _DATASET_LOCATION}
+                            if isinstance(spec, dict) else spec for spec in data["datasets"]]
+    return _flat(tree)
+
+
+def resume_changes(saved: dict, current: dict) -> list[str]:
+    """"key: checkpoint value -> current value" for each key outside RESUME_MAY_CHANGE that differs between the
+    config a checkpoint was written with and the current one (both as `to_json_best_effort` JSON)."""
+    old, new = _comparable(saved), _comparable(current)
+    missing = "(not set)"
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == allowed or key.startswith(allowed + ".") for allowed in RESUME_MAY_CHANGE):
+            continue
+        if old.get(key, missing) != new.get(key, missing):
+            show = lambda v: v if v is missing else json.dumps(v, sort_keys=True)  # noqa: E731
+            changes.append(f"{key}: {show(old.get(key, missing))} -> {show(new.get(key, missing))}")
+    return changes
+
+
+def check_resume(workdir: str, step: int, saved_meta: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Refuses to resume a checkpoint written for another model or run: raises CheckpointError naming every
+    setting that changed (checkpoint value -> current value) and which ones may change."""
+    changes = []
+    old_model, new_model = _flat(saved_meta.get("model_config") or {}), _flat(meta["model_config"])
+    for key in sorted(set(old_model) | set(new_model)):
+        if old_model.get(key) != new_model.get(key):
+            changes.append(f"model_config.{key}: {json.dumps(old_model.get(key))} -> {json.dumps(new_model.get(key))}")
+    if saved_meta.get("btok_ids", None) != meta["btok_ids"]:
+        changes.append(f"btok_ids (from model.hf_dir): {saved_meta.get('btok_ids')} -> {meta['btok_ids']}")
+    if "config" in saved_meta:
+        changes += resume_changes(saved_meta["config"], meta["config"])
+    if changes:
+        listed = "\n  ".join(changes)
+        raise checkpoint.CheckpointError(
+            f"{workdir}: cannot resume from step {step}: the config differs from the one the checkpoint was written "
+            f"with in settings that change the run's data or math (checkpoint -> now):\n  {listed}\nResume with the "
+            f"checkpoint's values, or start the new run in another workdir. Settings that may change on resume: "
+            f"{', '.join(RESUME_MAY_CHANGE)}; the data sets' {' and '.join(_DATASET_LOCATION)}.")
 
 
 # ============================================================================== distributed set-up
@@ -175,23 +320,33 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from btoks_jax.data.pipeline import TrainBatchIterator, side_shapes
     from btoks_jax.processing import load_tokenizer
 
-    # ---------------------------------------------------------------- distributed + mesh
+    # ---------------------------------------------------------------- config checks, distributed + mesh
+    # Config mistakes fail here, before any weight is read or any program compiles.
+    check_config_keys(config)
     workdir = fs.absolute(workdir)  # Orbax writes to absolute paths (or gs:// URLs) only
     maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
+    rule_set = config.get("sharding_rules", "default")
+    if rule_set not in sharding.RULE_SETS:
+        raise ValueError(f"config.sharding_rules={rule_set!r}: no such rule set; choose one of "
+                         f"{sorted(sharding.RULE_SETS)}")
+    rules = sharding.RULE_SETS[rule_set]
+    try:
+        mesh = sharding.make_mesh(**_to_dict(config.mesh))
+    except ValueError as e:
+        raise ValueError(f"config.mesh {_to_dict(config.mesh)}: {e}") from e
+    model_cfg = build.model_config(_to_dict(config.model))
+    lora = lora_config(config)
+    step_cfg = step_config(config)
+    check_config(config, model_cfg, mesh, rules)
     cache_dir = enable_compilation_cache(config)
     if is_main and cache_dir:
         log.info("persistent compilation cache: %s", cache_dir)
-    mesh = sharding.make_mesh(**_to_dict(config.mesh))
-    rules = sharding.RULE_SETS[config.get("sharding_rules", "default")]
     if is_main:
         fs.makedirs(workdir)
         log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
 
     # ---------------------------------------------------------------- model shapes, optimizer
-    model_cfg = build.model_config(_to_dict(config.model))
-    lora = lora_config(config)
-    step_cfg = step_config(config)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     chunk = step_cfg.chunk_size or config.data.global_batch_size
     if config.data.global_batch_size % chunk or chunk % batch_shards:
@@ -206,13 +361,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # ---------------------------------------------------------------- model: resume, import or init
     data_state = None
     if mgr.latest_step() is not None:
+        # The config comes first (the meta item alone), so that a changed run is refused before any array loads.
+        saved_step, saved_meta = checkpoint.read_meta(workdir, mgr.latest_step())
+        check_resume(workdir, saved_step, saved_meta, meta)
         graphdef, abs_state, abs_frozen = build.abstract_train_state(model_cfg, config.data.num_btoks, lora,
                                                                      step_cfg.trainable, tx, mesh, rules,
                                                                      btok_ids=meta["btok_ids"],
                                                                      head=build.head_config(config.model))
-        start, state, frozen, data_state, saved_meta = checkpoint.restore(mgr, None, abs_state, abs_frozen)
-        if saved_meta.get("model_config") != meta["model_config"]:
-            raise checkpoint.CheckpointError(f"{workdir}: the checkpoint was written for another model config")
+        start, state, frozen, data_state, saved_meta = checkpoint.restore(mgr, saved_step, abs_state, abs_frozen)
         if is_main:
             log.info("resumed from step %d", start)
     else:
@@ -283,9 +439,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     preempt = _Preemption()
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not is_main or not config.get(
         "progress", True), dynamic_ncols=True)
+    guard = _NonFiniteGuard(max_nonfinite_steps(config), [spec.name for spec in datasets], workdir, mgr)
     last: dict[str, Any] = {}
     t0, tokens = time.perf_counter(), 0
     step = start
+    failed = True
     try:
         while step < total:
             tb = next(data)
@@ -297,11 +455,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             with jax.set_mesh(mesh), sharding.activation_sharding(mesh, rules):
                 state, metrics = step_fn(batch, layouts, step)(state, frozen, batch)
             step += 1
-            if step % config.log_every == 0 or step == total:
+            # The previous step's finite flag is read now, with this one in flight: no stall per step.
+            guard.add(step, metrics["skipped_update"], tb)
+            guard.settle(keep_last=True)
+            log_due = step % config.log_every == 0 or step == total
+            hooks_due = [hook for hook in hooks if hook.due(step, total)]
+            save_due = step % config.checkpoint.every == 0 or step == total or preempt.requested
+            if log_due:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 dt = time.perf_counter() - t0
                 last.update(step=step, steps_per_s=config.log_every / dt if dt else 0.0,
-                            tokens_per_s=tokens / dt if dt else 0.0)
+                            tokens_per_s=tokens / dt if dt else 0.0, skipped_rows=data.row_counts()[1])
                 t0, tokens = time.perf_counter(), 0
                 if is_main:
                     bar.set_postfix(loss=f"{last['loss']:.4f}", steps_s=f"{last['steps_per_s']:.2f}",
@@ -310,24 +474,82 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, step)
                     history.append_json(last)
+            if log_due or hooks_due or save_due:
+                guard.settle(keep_last=False)  # too many non-finite steps in a row stop the run before a save
             bar.update(1)
-            for hook in hooks:
-                if hook.due(step, total):
-                    scores = hook(nnx.merge(graphdef, state.params, frozen), step)
-                    if is_main:
-                        for k, v in scores.items():
-                            writer.add_scalar(f"eval/{hook.name}/{k}".replace("@", "_at_"), v, step)
-                        history.append_json({"step": step, "eval": hook.name, **scores})
-            if step % config.checkpoint.every == 0 or step == total or preempt.requested:
+            for hook in hooks_due:
+                scores = hook(nnx.merge(graphdef, state.params, frozen), step)
+                if is_main:
+                    for k, v in scores.items():
+                        writer.add_scalar(f"eval/{hook.name}/{k}".replace("@", "_at_"), v, step)
+                    history.append_json({"step": step, "eval": hook.name, **scores})
+            if save_due:
                 checkpoint.save(mgr, step, state, frozen, data.get_state(), meta, force=True)
             if preempt.requested:
                 log.warning("SIGTERM: saved step %d, stopping", step)
                 break
+        guard.settle(keep_last=False)
+        failed = False
     finally:
-        mgr.wait_until_finished()
+        try:
+            checkpoint.wait(mgr)
+        except checkpoint.CheckpointError:
+            if not failed:
+                raise
+            log.exception("while stopping after an error, the last checkpoint save failed too")
         preempt.restore()
         bar.close()
         data.close()
         if writer is not None:
             writer.close()
     return last
+
+
+class NonFiniteError(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient (`config.train.max_nonfinite_steps`)."""
+
+
+class _NonFiniteGuard:
+    """Reads each step's `skipped_update` flag (a step whose loss, gradient or update was not finite, so that the
+    jitted step kept the parameters and optimizer state), logs such a step with the data sets and rows of its
+    batch, and raises `NonFiniteError` after `limit` of them in a row. The flags are read one step late, so the
+    host does not wait for every step to finish; `settle(keep_last=False)` reads them all (before a log row, an
+    evaluation or a save). The run then stops without saving: the checkpoints hold the last applied update."""
+
+    def __init__(self, limit: int, dataset_names: list[str], workdir: str, mgr):
+        self.limit, self.names, self.workdir, self.mgr = limit, dataset_names, workdir, mgr
+        self.pending: list[tuple[int, Any, np.ndarray, np.ndarray]] = []
+        self.in_a_row = 0
+
+    def add(self, step: int, flag, tb) -> None:
+        self.pending.append((step, flag, tb.dataset_ids, tb.row_ids))
+
+    def settle(self, keep_last: bool) -> None:
+        while len(self.pending) > (1 if keep_last else 0):
+            step, flag, dataset_ids, row_ids = self.pending.pop(0)
+            if not float(jax.device_get(flag)):
+                self.in_a_row = 0
+                continue
+            self.in_a_row += 1
+            rows = self.describe(dataset_ids, row_ids)
+            log.warning("step %d: non-finite loss, gradient or update; the update was not applied (%d in a row, "
+                        "the limit is %d). This process's rows of the batch: %s", step, self.in_a_row, self.limit,
+                        rows)
+            if self.in_a_row >= self.limit:
+                try:
+                    checkpoint.wait(self.mgr)  # a save still in flight holds an applied update: let it finish
+                except checkpoint.CheckpointError:
+                    log.exception("the last checkpoint save failed")
+                kept = sorted(self.mgr.all_steps())
+                raise NonFiniteError(
+                    f"{self.workdir}: steps {step - self.in_a_row + 1}..{step} all had a non-finite loss, gradient or "
+                    f"update (config.train.max_nonfinite_steps={self.limit}); none of their updates was applied, and "
+                    f"the run stops without saving. The checkpoints (steps {kept}) hold the last applied update. "
+                    f"The last batch's rows (this process): {rows}")
+
+    def describe(self, dataset_ids: np.ndarray, row_ids: np.ndarray) -> str:
+        """"name rows [..]; name rows [..]" of a batch, by data set, in batch order."""
+        by_set: dict[str, list[int]] = {}
+        for d, r in zip(dataset_ids.tolist(), row_ids.tolist()):
+            by_set.setdefault(self.names[d], []).append(r)
+        return "; ".join(f"{name} rows {rows}" for name, rows in by_set.items())

@@ -53,10 +53,18 @@ def base_config() -> ml_collections.ConfigDict:
         target_buckets=None, truncate_targets=False,
         prompt_style="btoks", rope_convention="legacy", image_min_pixels=28 * 28 * 4,
         image_max_pixels=28 * 28 * 1280, video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 768,
-        video_num_frames=8, video_frame_sampling="linspace", seed=0, num_threads=16, prefetch_batches=2)
+        video_num_frames=8, video_frame_sampling="linspace", seed=0, num_threads=16, prefetch_batches=2,
+        # A row that cannot be used (an undecodable image, a target over the budget): "fail" stops the run, as
+        # the authors' code crashes on one (their behaviour, the default); "skip" logs it and reads the next row of
+        # its data set instead, stopping once more than max_skip_fraction of the rows read were skipped (after the
+        # first 100). The count is metrics.jsonl's `skipped_rows`. See PipelineConfig.
+        on_bad_row="fail", max_skip_fraction=0.01)
     # save_initial: also save the weights as they are before the first step (step 0), e.g. to show what a run
     # started from; the keep-last-K rule drops it like any other step.
     c.checkpoint = dict(every=500, keep=3, async_save=True, save_initial=False)
+    # A step with a non-finite loss or gradient is not applied (train_step.train_step); this many in a row stop the
+    # run with an error, without saving.
+    c.train = dict(max_nonfinite_steps=5)
     c.evals = []  # evaluate.hooks.RetrievalHook specs
     c.distributed = dict(enabled=False, coordinator_address="", num_processes=1, process_id=0)
     return c

@@ -248,12 +248,27 @@ def make_optimizer(*, learning_rate: float = 5e-5, warmup_steps: int = 100, tota
 
 
 def train_step(state: TrainState, frozen, batch, *, graphdef, layouts, cfg: StepConfig, tx, schedule: Callable):
-    """One optimizer step. Returns (new state, metrics)."""
+    """One optimizer step. Returns (new state, metrics).
+
+    A step whose loss, gradient or update is not finite (NaN or inf anywhere: the global norms are) is not
+    applied: the parameters and the optimizer state (its step count, hence the schedule's position, included,
+    as `optax.apply_if_finite` does) stay as they were, and `metrics["skipped_update"]` is 1. `state.step`, the
+    count of batches seen, advances either way, so the RNG keys stay those of the data's steps. The choice is a
+    `jnp.where` on one finite flag rather than `optax.apply_if_finite` (whose extra optimizer state would change
+    the checkpoint layout) or a `lax.cond`: one compiled program, no branch, and an exact pass-through of the
+    update when it is finite.
+    """
     key = jax.random.fold_in(state.rng, state.step)
     _, metrics, grads = loss_and_grads(graphdef, state.params, frozen, batch, layouts, key, cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+    metrics = dict(metrics, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   skipped_update=jnp.where(finite, 0.0, 1.0).astype(jnp.float32))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

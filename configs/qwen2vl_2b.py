@@ -7,10 +7,12 @@ Every setting and the authors' file it comes from is in configs/README.md ("The 
 tests/test_recipe.py holds this file to that table.
 
 Arguments (after the colon): data_root=DIR (MMEB-train folder: one `<subset>.jsonl` or `.parquet`
-per data set, images and frames under it), gic_whole_run (lambda = 5 for all 5000 steps, the
-authors' other presets; default: the main preset's first 2000 steps), chunk=N (GradCache chunk in
-global rows, default 128 = 8 rows per chip on 16 chips; a memory choice, the loss is exact whatever
-the chunk), runlocal (the same code paths at CPU size, see `shrink_to_local`), steps=N (runlocal),
+per data set, images and frames under it), media_root=DIR (where the media lie when not under data_root:
+the download root of a mixture that `btoks data prepare --out data_root` wrote elsewhere; media paths
+leaving both are refused), gic_whole_run (lambda = 5 for all 5000 steps, the authors' other presets;
+default: the main preset's first 2000 steps), chunk=N (GradCache chunk in global rows, default 128 = 8
+rows per chip on 16 chips; a memory choice, the loss is exact whatever the chunk), runlocal (the same code
+paths at CPU size, see `shrink_to_local`), steps=N (runlocal),
 mixture=emoji|mmeb (runlocal: the embedded emoji mixture, data_root naming where it is built, or the published
 mixture prepared by `btoks data prepare` under data_root, e.g. its miniature test fixtures).
 
@@ -42,7 +44,8 @@ EXTRA = [
 
 
 def get_config(arg=None):
-    a = parse_arg(arg, data_root="", gic_whole_run=False, chunk=128, runlocal=False, steps=8, mixture="emoji")
+    a = parse_arg(arg, data_root="", media_root="", gic_whole_run=False, chunk=128, runlocal=False, steps=8,
+                  mixture="emoji")
     c = base_config()
     c.seed = 42
     c.total_steps = 5000
@@ -83,8 +86,10 @@ def get_config(arg=None):
     # for captions. A longer target stops the run naming its row.
     c.data.target_len, c.data.target_buckets, c.data.truncate_targets = 512, (64, 128, 256, 512), False
     root = a.data_root
-    c.data.datasets = [dict(name=n, path=os.path.join(root, f"{n}.jsonl"), image_root=root, weight=w, ntp_side=side)
-                       for n, side, w in MMEB_TRAIN + EXTRA]
+    # Media paths must stay inside data_root, or media_root where one is named (DatasetSpec.media_roots).
+    media = (a.media_root,) if a.media_root else ()
+    c.data.datasets = [dict(name=n, path=os.path.join(root, f"{n}.jsonl"), image_root=root, media_roots=media,
+                            weight=w, ntp_side=side) for n, side, w in MMEB_TRAIN + EXTRA]
     c.checkpoint = dict(every=250, keep=3, async_save=True)
     if a.mixture not in ("emoji", "mmeb"):
         raise ValueError(f"configs/qwen2vl_2b.py: mixture must be emoji or mmeb, got {a.mixture!r}")

@@ -47,8 +47,9 @@ def prepared(download, tmp_path_factory):
     return outs
 
 
-def _rows(out: Path, name: str, style: str):
-    return read_mmeb_train(out / f"{name}.jsonl", out, prompt_style=style)
+def _rows(out: Path, name: str, style: str, root: Path):
+    """Prepared rows; their media lie in the download root `root` (reached with '..') or under `out`."""
+    return read_mmeb_train(out / f"{name}.jsonl", out, prompt_style=style, media_roots=[root])
 
 
 def _texts(row):
@@ -75,7 +76,7 @@ def test_manifest_counts(download, prepared, style):
     for name, expected in counts.items():
         entry = manifest["datasets"][name]
         assert entry["complete"] and entry["prompt_style"] == style and entry["file"] == f"{name}.jsonl"
-        assert entry["rows_written"] == expected == len(_rows(out, name, style)), name
+        assert entry["rows_written"] == expected == len(_rows(out, name, style, download[0])), name
         assert all((root / f).is_file() for f in entry["source_files"]) and entry["cap"] is None
     datasets = manifest["datasets"]
     assert datasets["A-OKVQA"]["rows_skipped"] == {"empty query or positive side": 1}
@@ -90,20 +91,26 @@ def test_manifest_counts(download, prepared, style):
     assert datasets["colpali_train_set"]["media"]["written"] == 3  # two rows share a page: written once
 
 
-def test_mixture_of_the_recipe_reads_the_prepared_folder(prepared):
+def test_mixture_of_the_recipe_reads_the_prepared_folder(download, prepared):
     recipe, names = _recipe_names()
     assert tuple(names) == DATASETS
-    config = recipe.get_config(f"data_root={prepared['btoks']}")
+    config = recipe.get_config(f"data_root={prepared['btoks']},media_root={download[0]}")
     for spec in config.data.datasets:
-        rows = open_rows(DatasetSpec(name=spec["name"], path=spec["path"], image_root=spec["image_root"]),
-                         config.data.prompt_style)
+        rows = open_rows(DatasetSpec(name=spec["name"], path=spec["path"], image_root=spec["image_root"],
+                                     media_roots=spec["media_roots"]), config.data.prompt_style)
         assert rows, spec["name"]
+    # Without the download root as a media folder, the rows' '..' into it is refused, naming what to pass.
+    spec = recipe.get_config(f"data_root={prepared['btoks']}").data.datasets[0]
+    assert spec["name"] == "ImageNet_1K" and not spec["media_roots"]
+    with pytest.raises(ValueError, match=r"ImageNet_1K\.jsonl: row 1: field 'qry_image_path': media path '\.\./.*"
+                                         r"is outside the data folder .*media_root=DIR"):
+        open_rows(DatasetSpec(name=spec["name"], path=spec["path"], image_root=spec["image_root"]), "btoks")
 
 
 # ===================================== the strings, family by family =====================================
 
 
-def test_mmeb_train_strings(prepared):
+def test_mmeb_train_strings(download, prepared):
     expected = {
         "btoks": {
             ("ImageNet_1K", 0): (f"{IMG['btoks']}\nRepresent the given image for classification\n",
@@ -173,18 +180,18 @@ def test_mmeb_train_strings(prepared):
     for style, cases in expected.items():
         out = prepared[style]
         for (name, index), want in cases.items():
-            row = _rows(out, name, style)[index]
+            row = _rows(out, name, style, download[0])[index]
             assert _texts(row) == want, (style, name, index)
-        webqa, visdial, mscoco = (_rows(out, n, style)[0] for n in ("WebQA", "VisDial", "MSCOCO"))
+        webqa, visdial, mscoco = (_rows(out, n, style, download[0])[0] for n in ("WebQA", "VisDial", "MSCOCO"))
         assert webqa.query.image is None and Path(webqa.positive.image).is_file()
         assert Path(visdial.negative.image).name == "VisDial_image_61616.jpg" and visdial.query.image is None
         assert mscoco.positive.image.endswith("images/MSCOCO/Train/558840_object_hot dog.jpg")
         assert Path(mscoco.positive.image).is_file()
-        assert [r.positive.text for r in _rows(out, "A-OKVQA", style)] == (
+        assert [r.positive.text for r in _rows(out, "A-OKVQA", style, download[0])] == (
             ["cab\n", "left\n"] if style == "btoks" else ["cab", "left"])
 
 
-def test_colpali_strings(prepared):
+def test_colpali_strings(download, prepared):
     options = fixture.COLPALI_OPTIONS
     expected = {
         "btoks": [
@@ -203,14 +210,14 @@ def test_colpali_strings(prepared):
         ],
     }
     for style, want in expected.items():
-        rows = _rows(prepared[style], "colpali_train_set", style)
+        rows = _rows(prepared[style], "colpali_train_set", style, download[0])
         assert [(r.query.text, r.positive.text) for r in rows[:3]] == want, style
         assert all(r.query.image and r.positive.image is None and r.negative is None for r in rows)
         assert rows[2].query.image == rows[3].query.image and rows[0].query.image.endswith(".jpg")
         assert Path(rows[2].query.image).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_visrag_strings(prepared):
+def test_visrag_strings(download, prepared):
     info = ("This query is related to retrieving an infographic that visually presents statistical or factual "
             "information using charts, icons, and structured layouts. The retrieved image should contain the "
             "necessary visual elements to provide the best context for answering the query: ")
@@ -226,13 +233,13 @@ def test_visrag_strings(prepared):
         "vlm2vec": [(f"{info} {q0} ", f"{p0}  <|image_pad|>"), (f"{chart} {q1} ", f"{p1}  <|image_pad|>")],
     }
     for style, want in expected.items():
-        rows = _rows(prepared[style], "visrag-indomain", style)
+        rows = _rows(prepared[style], "visrag-indomain", style, download[0])
         assert [(r.query.text, r.positive.text) for r in rows[:2]] == want, style
         assert all(r.query.image is None and r.positive.image for r in rows) and len(rows) == 5
         assert rows[1].positive.image == rows[2].positive.image  # one page, written once
 
 
-def test_llavahound_strings_and_frames(prepared):
+def test_llavahound_strings_and_frames(download, prepared):
     caption = "The video opens with a view of an indoor court marked with various lines. Players throw red balls."
     question, answer = "What is the setting of the video?", "The setting appears to be an indoor sports court."
     expected = {
@@ -258,7 +265,7 @@ def test_llavahound_strings_and_frames(prepared):
              "v_1qs3ieXHJ5s-Scene-002": [0, 1, 2, 3, 4]}  # fewer than 8: all
     for style, cases in expected.items():
         for name, want in cases.items():
-            rows = _rows(prepared[style], name, style)
+            rows = _rows(prepared[style], name, style, download[0])
             assert (rows[0].query.text, rows[0].positive.text) == want, (style, name)
             for row, video in zip(rows, [v for v in fixture.VIDEOS if v in picks] if name != "video_qa_240k"
                                   else ["v_--0edUL8zmA-Scene-001", "v_1qs3ieXHJ5s-Scene-002"]):
@@ -309,19 +316,20 @@ def test_resume_partial_files_and_settings(download, tmp_path, monkeypatch):
     report = prepare(root, out, only="CIRR,MSCOCO,VOC2007", progress=False)
     assert report["prepared"] == ["CIRR", "VOC2007"] and report["skipped"] == ["MSCOCO"]
     assert not (out / "CIRR.jsonl.partial").exists()
-    assert len(read_mmeb_train(out / "CIRR.jsonl", out)) == counts["CIRR"]
-    assert len(read_mmeb_train(out / "VOC2007.jsonl", out)) == counts["VOC2007"]
+    assert len(read_mmeb_train(out / "CIRR.jsonl", out, media_roots=[root])) == counts["CIRR"]
+    assert len(read_mmeb_train(out / "VOC2007.jsonl", out, media_roots=[root])) == counts["VOC2007"]
 
     # Other settings are not the same data set: a cap, another split, --overwrite prepare again.
     capped = prepare(root, out, only="MSCOCO", caps="MSCOCO=1", progress=False)
     assert capped["prepared"] == ["MSCOCO"] and capped["manifest"]["datasets"]["MSCOCO"]["cap"] == 1
-    assert len(read_mmeb_train(out / "MSCOCO.jsonl", out)) == 1
+    assert len(read_mmeb_train(out / "MSCOCO.jsonl", out, media_roots=[root])) == 1
     diverse = prepare(root, out, only="MSCOCO_t2i", mmeb_split="diverse_instruction", progress=False)
     assert diverse["manifest"]["datasets"]["MSCOCO_t2i"]["split"] == "diverse_instruction"
-    assert read_mmeb_train(out / "MSCOCO_t2i.jsonl", out)[0].query.text.startswith("Retrieve a photo")
+    t2i = read_mmeb_train(out / "MSCOCO_t2i.jsonl", out, media_roots=[root])
+    assert t2i[0].query.text.startswith("Retrieve a photo")
     assert prepare(root, out, only="NIGHTS", overwrite=True, progress=False)["prepared"] == ["NIGHTS"]
     none = prepare(root, out, only="N24News", negatives="none", progress=False)
-    assert all(r.negative is None for r in read_mmeb_train(out / "N24News.jsonl", out))
+    assert all(r.negative is None for r in read_mmeb_train(out / "N24News.jsonl", out, media_roots=[root]))
     assert none["manifest"]["datasets"]["N24News"]["negatives"] == "none"
 
 
@@ -396,9 +404,10 @@ def test_missing_sets_and_split_fallback(tmp_path, capsys):
         prepare(root, only="ImageNet", progress=False)
 
 
-def test_training_refuses_another_prompt_style(prepared):
+def test_training_refuses_another_prompt_style(download, prepared):
     out = prepared["btoks"]
-    spec = DatasetSpec(name="MSCOCO", path=str(out / "MSCOCO.jsonl"), image_root=str(out))
+    spec = DatasetSpec(name="MSCOCO", path=str(out / "MSCOCO.jsonl"), image_root=str(out),
+                       media_roots=(str(download[0]),))
     with pytest.raises(ValueError, match=r"prepared in prompt style 'btoks'.*data\.prompt_style is 'vlm2vec'"):
         open_rows(spec, "vlm2vec")
     assert len(open_rows(spec, "btoks")) == 2 and len(open_rows(spec, "mmeb")) == 2
@@ -415,7 +424,8 @@ def test_tfds_copy(download, tmp_path):
     assert report["manifest"]["datasets"]["VisDial"]["tfds"]["complete"]
     rows = read_tfds(out / "tfds", "VisDial")
     assert len(rows) == counts["VisDial"]
-    for got, want in zip((rows[i] for i in range(len(rows))), read_mmeb_train(out / "VisDial.jsonl", out)):
+    want_rows = read_mmeb_train(out / "VisDial.jsonl", out, media_roots=[root])
+    for got, want in zip((rows[i] for i in range(len(rows))), want_rows):
         assert _texts(got) == _texts(want)
         assert got.positive.image == Path(want.positive.image).read_bytes()
     assert prepare(root, out, only="VisDial", tfds=True, progress=False)["skipped"] == ["VisDial"]

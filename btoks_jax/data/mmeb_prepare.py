@@ -718,7 +718,9 @@ def prepare_dataset(job: Job, root: Path, out: Path, *, style: str, cap: int | N
                 source = f"{file}: row {number}"
                 try:
                     row = build(record, job, ctx)
-                    parse_record(row, out, source, check_files=False)  # what the trainer's reader accepts
+                    # What the trainer's reader accepts, given the download root as a media folder
+                    # (DatasetSpec.media_roots) for rows written outside it.
+                    parse_record(row, out, source, check_files=False, media_roots=(root,))
                 except Skip as skip:
                     skipped[skip.reason] += 1
                     continue
@@ -885,7 +887,7 @@ def prepare(root: str | os.PathLike, out: str | os.PathLike | None = None, *, pr
             _save_manifest(out, manifest)
             prepared.append(job.name)
         if tfds and not (done and entry.get("tfds")):
-            entry["tfds"] = _build_tfds(out, job.name)
+            entry["tfds"] = _build_tfds(out, job.name, root)
             _save_manifest(out, manifest)
     earlier = {k: v for k, v in (manifest.get("missing") or {}).items()
                if k not in names and k not in manifest["datasets"]}
@@ -913,8 +915,9 @@ def _drop_tfds(out: Path, name: str) -> None:
         shutil.rmtree(built)
 
 
-def _build_tfds(out: Path, name: str) -> dict:
+def _build_tfds(out: Path, name: str, root: Path) -> dict:
     from btoks_jax.data.tfds_mmeb import build_tfds
 
-    build_tfds(out / f"{name}.jsonl", name, out / TFDS_DIR, image_root=out)  # keeps a complete earlier build
+    # keeps a complete earlier build
+    build_tfds(out / f"{name}.jsonl", name, out / TFDS_DIR, image_root=out, media_roots=(root,))
     return {"data_dir": TFDS_DIR, "name": name, "complete": True}

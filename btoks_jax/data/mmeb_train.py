@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import io
 import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from btoks_jax import fs
-from btoks_jax.data.media import RowError, image_path, is_url, iter_records, string_field, video_frames
+from btoks_jax.data.media import OUTSIDE_HINT, RowError, image_path, is_url, iter_records, string_field, video_frames
 from btoks_jax.processing import (
     IMAGE_TOKEN,
     PROMPT_STYLES,
@@ -25,7 +24,7 @@ from btoks_jax.processing import (
     VISION_START,
     convert_mmeb_placeholders,
 )
-from btoks_jax.processing.image import load_image
+from btoks_jax.processing.image import MediaError, read_image
 
 Media = str | bytes  # a file path, or the encoded file itself (rows read back from ArrayRecord)
 
@@ -56,6 +55,10 @@ class DatasetSpec:
       client).
     image_root: folder the rows' relative image / frame paths start from (default: the file's folder); local or
       a URL, independently of `path`.
+    media_roots: further folders the media may lie in, besides `image_root` (or the file's folder); a media path
+      leaving all of them (an absolute path, a `..` leading out, a symbolic link pointing out) is refused. Rows
+      that `btoks data prepare` wrote outside its download root reach the downloaded media with `..`: give
+      the download root here (configs/qwen2vl_2b.py: `media_root=`).
     weight: sampling weight of the data set's sub-batches.
     ntp_side: which side the generative loss decodes (PAPER.md section 4): "positive" (the query's BToks
       generate the positive text), "query", "both" or "none".
@@ -64,11 +67,14 @@ class DatasetSpec:
     name: str
     path: str
     image_root: str | None = None
+    media_roots: tuple[str, ...] = ()
     weight: float = 1.0
     ntp_side: str = "positive"
     format: str = "mmeb"
 
     def __post_init__(self):
+        roots = self.media_roots
+        object.__setattr__(self, "media_roots", (roots,) if isinstance(roots, str) else tuple(roots or ()))
         if self.ntp_side not in NTP_SIDES:
             raise ValueError(f"dataset {self.name!r}: ntp_side must be one of {NTP_SIDES}, got {self.ntp_side!r}")
         if not self.weight > 0:
@@ -113,7 +119,9 @@ def source_files(path: str | os.PathLike) -> list[Path | str]:
 
 
 def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | None = None, *,
-                    prompt_style: str = "btoks", check_files: bool = True) -> list[TrainRow]:
+                    prompt_style: str = "btoks", check_files: bool = True,
+                    allow_outside_root: bool = False,
+                    media_roots: Sequence[str | os.PathLike] = ()) -> list[TrainRow]:
     """Reads MMEB-train rows from `.jsonl` / `.parquet` file(s).
 
     Required fields: `qry`, `qry_image_path`, `pos_text`, `pos_image_path` (strings; "" or null for no
@@ -130,6 +138,11 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
       prompt_style: "btoks" (`<|vision_start|><|image_pad|><|vision_end|>`), "vlm2vec" (a bare
         `<|image_pad|>`) or "mmeb" (the files' `<|image_1|>` kept).
       check_files: verify that every image / frame file exists (decoding is checked when a row is used).
+      allow_outside_root: read media paths that leave the media folder (an absolute path, a `..` leading out, a
+        symbolic link pointing out; `btoks_jax.data.media.outside_root`), refused by default: the rows are
+        data, and data must not name any file of the machine.
+      media_roots: further folders media may lie in, besides the media folder (`image_root` or the file's
+        folder).
     Raises:
       ValueError naming the file, the 1-based row number and the field of the first bad row, or, for a file
       written by `btoks data prepare` in the other prompt style, naming both styles (`check_prepared_style`).
@@ -148,8 +161,13 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
         for number, record in iter_records(file):
             source = f"{file}: row {number}"
             try:
-                row, n = parse_record(record, root, source, check_files=check_files, files=files)
+                row, n = parse_record(record, root, source, check_files=check_files, files=files,
+                                      allow_outside_root=allow_outside_root,
+                                      media_roots=tuple(fs.as_path(folder) for folder in media_roots))
             except RowError as err:
+                if err.message.endswith(OUTSIDE_HINT):  # training data sets can name their media folders
+                    err.message += ", or name the folder the media lie in (DatasetSpec.media_roots; " \
+                                   "configs/qwen2vl_2b.py:media_root=DIR)"
                 raise err.at(source) from None
             stripped += n
             rows.append(apply_prompt_style(row, prompt_style))
@@ -159,11 +177,13 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
 
 
 def parse_record(record: Any, image_root: Path | str, source: str, *, check_files: bool = True,
-                 files: fs.FileIndex | None = None) -> tuple[TrainRow, int]:
+                 files: fs.FileIndex | None = None, allow_outside_root: bool = False,
+                 media_roots: Sequence[Path | str] = ()) -> tuple[TrainRow, int]:
     """One record -> (row with MMEB placeholders, number of placeholders dropped from sides without media).
 
-    `image_root`: a local folder or a URL; `files`: an index answering the media existence checks.
-    Raises `RowError(field, message)`.
+    `image_root`: a local folder or a URL; `files`: an index answering the media existence checks; media paths
+    must stay inside `image_root` or one of `media_roots` unless `allow_outside_root`; a video needs at least
+    `btoks_jax.data.media.MIN_VIDEO_FRAMES` frames. Raises `RowError(field, message)`.
     """
     if not isinstance(record, dict):
         raise RowError("<row>", f"expected an object with the MMEB-train fields, got {type(record).__name__}")
@@ -171,8 +191,10 @@ def parse_record(record: Any, image_root: Path | str, source: str, *, check_file
     for name, (text_field, image_field, video_field) in FIELDS.items():
         required = name != "negative"
         text = string_field(record, text_field, required)
-        image = image_path(string_field(record, image_field, required), image_root, image_field, check_files, files)
-        video = video_frames(record.get(video_field), image_root, video_field, check_files, files)
+        image = image_path(string_field(record, image_field, required), image_root, image_field, check_files, files,
+                           allow_outside_root=allow_outside_root, also_inside=media_roots)
+        video = video_frames(record.get(video_field), image_root, video_field, check_files, files,
+                             allow_outside_root=allow_outside_root, also_inside=media_roots)
         text, n = _check_placeholders(text, image, video, text_field)
         if not text.strip() and image is None and video is None:
             if required:
@@ -289,18 +311,17 @@ def _check_placeholders(text: str, image, video, field: str) -> tuple[str, int]:
 
 def decode_image(media: Media) -> np.ndarray:
     """uint8[H, W, 3]: a file (local or a URL) opened as `processing.load_image` opens files (EXIF orientation,
-    then RGB), and encoded bytes the same way, so a row read back from ArrayRecord gives identical pixels."""
-    if isinstance(media, bytes):
-        with Image.open(io.BytesIO(media)) as opened:
-            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
-    return load_image(media)
+    then RGB), and encoded bytes the same way, so a row read back from ArrayRecord gives identical pixels.
+    Raises `MediaError` (a ValueError) naming the file when it cannot be read (`processing.image.read_image`)."""
+    return read_image(media)
 
 
 def load_media(row: TrainRow, side: str) -> tuple[list[np.ndarray] | None, list[list[np.ndarray]] | None]:
     """Decoded (images, videos) of one side of a row, as `Processor` takes them (None where absent). Files in
     object storage are read here, so in the training pipeline they are read by its worker threads.
 
-    Raises ValueError naming the row's file, row number and media field when a file cannot be decoded.
+    Raises ValueError naming the row's file, row number and media field when a file cannot be decoded (missing,
+    empty, not an image, truncated, over Pillow's decompression-bomb limit).
     """
     content: Side = getattr(row, side)
     _, image_field, video_field = FIELDS[side]
@@ -308,19 +329,23 @@ def load_media(row: TrainRow, side: str) -> tuple[list[np.ndarray] | None, list[
     try:
         if content.image is not None:
             images = [decode_image(content.image)]
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"{row.source}: field '{image_field}': cannot read image {_describe(content.image)}: "
-                         f"{err}") from None
+                         f"{_why(err)}") from None
     if content.video is not None:
         frames = []
         for frame in content.video:
             try:
                 frames.append(decode_image(frame))
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
+            except (OSError, ValueError) as err:
                 raise ValueError(f"{row.source}: field '{video_field}': cannot read frame {_describe(frame)}: "
-                                 f"{err}") from None
+                                 f"{_why(err)}") from None
         videos = [frames]
     return images, videos
+
+
+def _why(err: Exception) -> str:
+    return err.reason if isinstance(err, MediaError) else str(err)
 
 
 def _describe(media: Media) -> str:

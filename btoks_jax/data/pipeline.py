@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
+import math
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +22,19 @@ from btoks_jax.processing import MODEL_PROMPT_STYLES, ImageProcessor, Processor,
 
 SIDES = ("query", "positive")
 _PIXELS = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
+BAD_ROW_MODES = ("fail", "skip")
+# on_bad_row "skip": the skipped share is checked against max_skip_fraction once this many rows were read, so that
+# one bad row among the first few does not stop a run.
+MIN_ROWS_BEFORE_SKIP_LIMIT = 100
+# on_bad_row "skip": how many rows in a row of one data set's sample order may be bad before the data set is
+# taken for broken (an error) rather than searched on.
+MAX_REPLACEMENTS = 64
+
+log = logging.getLogger("btoks.data")
+
+
+class BadRowsError(ValueError):
+    """More rows could not be used than `PipelineConfig.max_skip_fraction` allows (on_bad_row "skip")."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +56,17 @@ class PipelineConfig:
       raises ValueError naming the row, unless truncate_targets cuts it to target_len (`<|im_end|>` kept).
     rope_convention: "legacy" reproduces transformers 4.x `get_rope_index`, which both reference
       implementations ran (VLM2Vec-style bare pads then get 1-D positions); see `btoks_jax.rope_index`.
+    on_bad_row: what a row that cannot be used does, i.e. one whose processing in the read threads raises
+      ValueError (an image or frame that cannot be decoded, vision tokens over the largest bucket, a target over
+      the budget; the messages name the file, the row and the field). "fail" (the default: the authors' code
+      crashes on such a row) stops with that error. "skip" logs it, counts it and uses the next row of the same
+      data set in that data set's sample order instead (the row its next sub-batch would read, a pure function of
+      the seed and the position, so a resumed run reads the same batches); without bad rows both modes give the
+      same batches, bit for bit. Rows that fail when a data set is opened (a missing field, a missing file) are
+      the readers' errors, raised before training starts.
+    max_skip_fraction: with "skip", the run stops (`BadRowsError`) once more than this share of the rows read so
+      far was skipped, counted from MIN_ROWS_BEFORE_SKIP_LIMIT rows on. Each process checks its own rows
+      (a resumed run's counts shared out evenly); checkpoints and metrics hold the counts of all processes.
     """
 
     global_batch_size: int = 1024
@@ -61,6 +87,8 @@ class PipelineConfig:
     seed: int = 0
     num_threads: int = 16  # grain read threads (tokenisation and image decoding run there)
     prefetch_batches: int = 2  # local batches processed ahead
+    on_bad_row: str = "fail"  # "fail" (the authors' behaviour: a bad row stops the run) or "skip"
+    max_skip_fraction: float = 0.01  # "skip": the most rows skipped per row read before the run stops
 
     def __post_init__(self):
         # Configs may hand lists (ml_collections); tuples keep the dataclass hashable.
@@ -84,6 +112,27 @@ class PipelineConfig:
                                 or targets[0] < 1):
             raise ValueError(f"target_buckets must ascend strictly and end at target_len {self.target_len}, "
                              f"got {targets}")
+        if self.on_bad_row not in BAD_ROW_MODES:
+            raise ValueError(f"on_bad_row must be 'fail' or 'skip', got {self.on_bad_row!r}")
+        if not 0.0 <= self.max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {self.max_skip_fraction}")
+
+
+def check_budgets(config: PipelineConfig, model_config: Qwen2VLConfig) -> None:
+    """Raises ValueError when a bucket with a patch budget cannot hold one image at `image_min_pixels` (its vision
+    tokens plus the `<|vision_start|>` / `<|vision_end|>` wrapper, and its patches): such a bucket would never
+    take an image, and when it is the largest, every image row fails. Checked before anything compiles."""
+    vision = model_config.vision_config
+    cell = (vision.patch_size * vision.spatial_merge_size) ** 2  # pixels of one merged vision token
+    tokens = max(1, math.ceil(config.image_min_pixels / cell))
+    patches = tokens * vision.spatial_merge_size ** 2
+    for query_len, budget in config.buckets:
+        if budget and (tokens + 2 > query_len or patches > budget):
+            raise ValueError(
+                f"data.buckets: bucket ({query_len}, {budget}) cannot hold one image at data.image_min_pixels="
+                f"{config.image_min_pixels}: that is at least {tokens} vision tokens + 2 wrapper tokens (query_len "
+                f"{query_len}) and {patches} patches (patch budget {budget}); enlarge the bucket, give it patch "
+                f"budget 0 (text only) or lower image_min_pixels")
 
 
 @dataclasses.dataclass
@@ -97,8 +146,9 @@ class TrainBatch:
     query: PackedBatch
     positive: PackedBatch
     dataset_ids: np.ndarray  # int32[B] index into the iterator's data sets
-    row_ids: np.ndarray  # int64[B] row within that data set
+    row_ids: np.ndarray  # int64[B] row within that data set (a skipped bad row's replacement, see on_bad_row)
     step: int
+    skipped: tuple[str, ...] = ()  # the errors of the bad rows that were replaced in this batch (on_bad_row "skip")
 
 
 class MixtureSchedule:
@@ -147,12 +197,13 @@ class MixtureSchedule:
         dataset = int(choices[u])
         return dataset, int(counts[block, dataset] + np.count_nonzero(choices[block * self.BLOCK:u] == dataset))
 
-    def locate(self, step: int, position: int) -> tuple[int, int]:
-        """(data set, row) of global-batch position `position` at `step`."""
+    def locate(self, step: int, position: int, offset: int = 0) -> tuple[int, int]:
+        """(data set, row) of global-batch position `position` at `step`; with `offset` k > 0, the row k places
+        after it in its data set's sample order (what replaces a bad row)."""
         u = step * self.subbatches_per_step + position // self.subbatch_size
         dataset, earlier = self.subbatch(u)
         length = self.lengths[dataset]
-        epoch, index = divmod(earlier * self.subbatch_size + position % self.subbatch_size, length)
+        epoch, index = divmod(earlier * self.subbatch_size + position % self.subbatch_size + offset, length)
         return dataset, int(self._permutation(dataset, epoch)[index])
 
     def _make_permutation(self, dataset: int, epoch: int) -> np.ndarray:
@@ -167,7 +218,8 @@ def open_rows(spec: DatasetSpec, prompt_style: str, check_files: bool = True) ->
         from btoks_jax.data.tfds_mmeb import read_tfds  # tensorflow-datasets is imported only when used
 
         return read_tfds(spec.path, spec.name, prompt_style=prompt_style)
-    return read_mmeb_train(spec.path, spec.image_root, prompt_style=prompt_style, check_files=check_files)
+    return read_mmeb_train(spec.path, spec.image_root, prompt_style=prompt_style, check_files=check_files,
+                           media_roots=spec.media_roots)
 
 
 @dataclasses.dataclass
@@ -178,6 +230,7 @@ class _Sample:
     row: int
     sides: dict[str, dict[str, np.ndarray]]
     targets: dict[str, tuple[list[int], int] | None]
+    skipped: tuple[str, ...] = ()  # errors of the bad rows this sample replaces
 
 
 class _SampleLoader:
@@ -197,7 +250,26 @@ class _SampleLoader:
 
     def __call__(self, index: int) -> _Sample:
         step, slot = divmod(index, self.local_batch)
-        dataset, row_id = self.schedule.locate(step, self.process_index * self.local_batch + slot)
+        position = self.process_index * self.local_batch + slot
+        dataset, row_id = self.schedule.locate(step, position)
+        if self.config.on_bad_row == "fail":
+            return self._sample(dataset, row_id)
+        skipped = []
+        for offset in range(1, MAX_REPLACEMENTS + 1):
+            try:
+                sample = self._sample(dataset, row_id)
+            except ValueError as err:  # the readers' and the checks' errors name the file, row and field
+                skipped.append(str(err))
+                _, replacement = self.schedule.locate(step, position, offset)
+                log.warning("skipping a bad row (data.on_bad_row='skip'), step %d: %s; data set %r row %d "
+                            "replaces it", step, err, self.specs[dataset].name, replacement)
+                row_id = replacement
+                continue
+            return dataclasses.replace(sample, skipped=tuple(skipped))
+        raise BadRowsError(f"data set {self.specs[dataset].name!r}: {MAX_REPLACEMENTS} rows in a row of its sample "
+                           f"order cannot be used (step {step}); the last: {skipped[-1]}")
+
+    def _sample(self, dataset: int, row_id: int) -> _Sample:
         row = self.sources[dataset][row_id]
         processor = self.processor
         ntp = self.specs[dataset].ntp_side
@@ -302,6 +374,13 @@ def allgather_max(needs: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, needs.size).max(axis=0)
 
 
+def allgather_sum(values: np.ndarray) -> np.ndarray:
+    """Element-wise sum of `values` over all JAX processes (every process must call it at the same step)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, values.size).sum(axis=0)
+
+
 class TrainBatchIterator:
     """Deterministic, resumable iterator of `TrainBatch`es over a weighted mixture of MMEB-format data sets.
 
@@ -337,6 +416,7 @@ class TrainBatchIterator:
         group = model_config.vision_config.spatial_merge_size ** 2
         if any(budget % group for _, budget in config.buckets):
             raise ValueError(f"patch budgets must be multiples of {group}: {config.buckets}")
+        check_budgets(config, model_config)
         names = [spec.name for spec in datasets]
         if len(set(names)) != len(names):
             raise ValueError(f"data set names must be unique: {names}")
@@ -358,6 +438,8 @@ class TrainBatchIterator:
         self._loader = _SampleLoader(self.datasets, sources, self.schedule, processor, config, process_index,
                                      self.local_batch)
         self._samples = None
+        self._rows_read = self._skipped_rows = 0  # over the batches returned so far (on_bad_row "skip")
+        self._last_skip = ""
         self._start(0)
 
     # ----------------------------------------------------------------------------- iteration
@@ -388,11 +470,25 @@ class TrainBatchIterator:
         packed = {side: self._pack(samples, side, *choose_bucket(self.config.buckets, *needs[i, :2]),
                                    target_len=choose_target_bucket(self.config.target_buckets, int(needs[i, 2])))
                   for i, side in enumerate(SIDES)}
+        skipped = tuple(message for s in samples for message in s.skipped)
         batch = TrainBatch(query=packed["query"], positive=packed["positive"],
                            dataset_ids=np.array([s.dataset for s in samples], np.int32),
-                           row_ids=np.array([s.row for s in samples], np.int64), step=self._step)
+                           row_ids=np.array([s.row for s in samples], np.int64), step=self._step, skipped=skipped)
+        self._count(len(samples), skipped)
         self._step += 1
         return batch
+
+    def _count(self, used: int, skipped: Sequence[str]) -> None:
+        """Adds a batch's rows to the counts; too large a skipped share raises `BadRowsError`."""
+        self._rows_read += used + len(skipped)
+        self._skipped_rows += len(skipped)
+        self._last_skip = skipped[-1] if skipped else self._last_skip
+        limit = self.config.max_skip_fraction
+        if self._rows_read >= MIN_ROWS_BEFORE_SKIP_LIMIT and self._skipped_rows > limit * self._rows_read:
+            raise BadRowsError(
+                f"step {self._step}: {self._skipped_rows} of the {self._rows_read} rows read so far could not be used "
+                f"({self._skipped_rows / self._rows_read:.1%}, over data.max_skip_fraction={limit}); the last: "
+                f"{self._last_skip}")
 
     def _pack(self, samples: Sequence[_Sample], side: str, query_len: int, patch_budget: int,
               target_len: int) -> PackedBatch:
@@ -415,9 +511,31 @@ class TrainBatchIterator:
         """The step of the next batch."""
         return self._step
 
+    @property
+    def skipped_rows(self) -> int:
+        """This process's bad rows replaced in the batches returned so far, a resumed run's share included
+        (on_bad_row "skip"); `row_counts` gives the counts of all processes."""
+        return self._skipped_rows
+
+    @property
+    def rows_read(self) -> int:
+        """This process's rows read for the batches returned so far: the batches' rows plus the bad rows they
+        replace (a resumed run's share included)."""
+        return self._rows_read
+
+    def row_counts(self) -> tuple[int, int]:
+        """(rows read, bad rows skipped) over all processes so far. With more than one process it is a collective
+        (`allgather_sum`): every process must call it at the same step. The counts do not depend on the number
+        of processes, since which rows are bad is a function of the seed and the positions alone."""
+        local = np.array([self._rows_read, self._skipped_rows], np.int64)
+        total = allgather_sum(local) if self.process_count > 1 else local
+        return int(total[0]), int(total[1])
+
     def get_state(self) -> dict[str, Any]:
-        """JSON-able state: the next step plus what the sample order depends on (checked on restore)."""
-        return {"step": self._step, **self._fingerprint()}
+        """JSON-able state: the next step and the row counts of all processes (`row_counts`, a collective with
+        more than one process), plus what the sample order depends on (checked on restore)."""
+        rows_read, skipped_rows = self.row_counts()
+        return {"step": self._step, "rows_read": rows_read, "skipped_rows": skipped_rows, **self._fingerprint()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues from a `get_state()` result; the data sets, seed and batch layout must be the same."""
@@ -425,6 +543,14 @@ class TrainBatchIterator:
         if mismatched:
             raise ValueError(f"iterator state is from another configuration (saved, current): {mismatched}")
         self._start(int(state["step"]))
+        # The saved counts are those of all processes; each process takes an even share (the remainder to the
+        # first ones), so the sums stay exact on any number of processes. States written before the counts existed
+        # hold none: they count from the resumed step on.
+        def share(total: int) -> int:
+            return total // self.process_count + int(self.process_index < total % self.process_count)
+
+        self._rows_read = share(int(state.get("rows_read", 0)))
+        self._skipped_rows = share(int(state.get("skipped_rows", 0)))
 
     def _fingerprint(self) -> dict[str, Any]:
         cfg = self.config

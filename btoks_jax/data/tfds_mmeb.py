@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Sequence
 from typing import ClassVar
 
 import grain
@@ -12,8 +13,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from btoks_jax import fs
-from btoks_jax.data.mmeb_train import Side, TrainRow, apply_prompt_style, read_mmeb_train
+from btoks_jax.data.mmeb_train import FIELDS, Side, TrainRow, apply_prompt_style, read_mmeb_train
 from btoks_jax.processing import PROMPT_STYLES
+from btoks_jax.processing.image import MediaError, check_image
 
 BUILDER_NAME = "mmeb_train"
 SIDES = ("query", "positive", "negative")
@@ -25,6 +27,8 @@ class MmebTrainConfig(tfds.core.BuilderConfig):
 
     source: str = ""  # a .jsonl / .parquet file or a glob of shards
     image_root: str = ""  # folder the relative image paths start from ("": the file's folder)
+    allow_outside_root: bool = False  # media paths leaving media_root (`read_mmeb_train`) are refused unless set
+    media_roots: tuple[str, ...] = ()  # further folders the media may lie in, besides image_root
 
 
 class MmebTrain(tfds.core.GeneratorBasedBuilder):
@@ -57,9 +61,10 @@ class MmebTrain(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         config: MmebTrainConfig = self.builder_config
-        rows = read_mmeb_train(config.source, config.image_root or None, prompt_style="mmeb")
+        rows = read_mmeb_train(config.source, config.image_root or None, prompt_style="mmeb",
+                               allow_outside_root=config.allow_outside_root, media_roots=config.media_roots)
         for index, row in enumerate(rows):
-            example = {name: _encode_side(getattr(row, name)) for name in SIDES}
+            example = {name: _encode_side(getattr(row, name), row.source, name) for name in SIDES}
             yield index, {**example, "has_negative": row.negative is not None, "source": row.source}
 
 
@@ -71,22 +76,45 @@ def _side_features() -> tfds.features.FeaturesDict:
     })
 
 
-def _encode_side(side: Side | None) -> dict:
+def _encode_side(side: Side | None, source: str, name: str) -> dict:
+    """One side's text and media bytes; `source` ("<file>: row <n>") and the side's field names name a bad file."""
     if side is None:
         return {"text": "", "image": [], "video": []}
-    return {"text": side.text, "image": [] if side.image is None else [fs.read_bytes(side.image)],
-            "video": [fs.read_bytes(frame) for frame in side.video or ()]}
+    _, image_field, video_field = FIELDS[name]
+    return {"text": side.text,
+            "image": [] if side.image is None else [_media_bytes(side.image, source, image_field, "image")],
+            "video": [_media_bytes(frame, source, video_field, "frame") for frame in side.video or ()]}
+
+
+def _media_bytes(path: str, source: str, field: str, kind: str) -> bytes:
+    """The file's bytes, checked to be an image (`check_image`: it opens, within Pillow's size limit, and its
+    structure verifies) before they are stored; ValueError naming the row, the field and the file otherwise."""
+    try:
+        data = fs.read_bytes(path)
+        check_image(data)
+    except MediaError as err:
+        raise ValueError(f"{source}: field '{field}': cannot read {kind} {path}: {err.reason}") from None
+    except (OSError, ValueError) as err:  # the file went missing since the rows were read, or is unreadable
+        reason = "file not found" if isinstance(err, FileNotFoundError) else str(err)
+        raise ValueError(f"{source}: field '{field}': cannot read {kind} {path}: {reason}") from None
+    return data
 
 
 def build_tfds(source: str | os.PathLike, name: str, data_dir: str | os.PathLike,
-               image_root: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+               image_root: str | os.PathLike | None = None, *,
+               allow_outside_root: bool = False,
+               media_roots: Sequence[str | os.PathLike] = ()) -> tfds.core.DatasetBuilder:
     """Writes the MMEB-train file(s) at `source` as ArrayRecord data set `mmeb_train/{name}` under `data_dir`.
 
-    Rows are validated by `read_mmeb_train` first (a bad row raises ValueError naming file, row, field).
-    A version already built there is kept as is.
+    Rows are validated by `read_mmeb_train` first (a bad row raises ValueError naming file, row, field; media
+    paths leaving the media folder and `media_roots` are refused unless `allow_outside_root`), and every image
+    or frame is checked to be one before its bytes are stored (a missing, empty, non-image, damaged or oversized
+    file raises ValueError naming file, row, field). A version already built there is kept as is.
     """
     config = MmebTrainConfig(name=name, source=os.fspath(source),
-                             image_root="" if image_root is None else os.fspath(image_root))
+                             image_root="" if image_root is None else os.fspath(image_root),
+                             allow_outside_root=allow_outside_root,
+                             media_roots=tuple(os.fspath(folder) for folder in media_roots))
     builder = MmebTrain(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     builder.download_and_prepare()
     return builder

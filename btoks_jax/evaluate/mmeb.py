@@ -32,6 +32,7 @@ from btoks_jax.data.media import (
     video_frames,
 )
 from btoks_jax.evaluate.metrics import DEFAULT_KS, global_ranking_metrics, local_ranking_metrics
+from btoks_jax.processing.image import MediaError
 
 # ===================================== the MMEB-V2 dataset map =====================================
 
@@ -119,15 +120,35 @@ class Item:
         return "video" if self.video else "image" if self.image else "text"
 
 
+class ItemError(RowError):
+    """An item that cannot be embedded: an image or frame that cannot be read, frames of different sizes, ...
+
+    `field` is the part of the item at fault ("image" or "video"), `index` its position in the items an embedding
+    call was given, `item` the item itself; the readers turn it into `{file}: row {n}: field '{field}': ...`
+    (`RowError.at`, `evaluate_dataset`)."""
+
+    def __init__(self, field: str, message: str, *, index: int | None = None, item: Item | None = None):
+        super().__init__(field, message)
+        self.index, self.item = index, item
+
+    def __str__(self) -> str:
+        where = f"item {self.index}: " if self.index is not None else ""
+        return f"{where}field '{self.field}': {self.message}"
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalRow:
     query: Item
     candidates: tuple[Item, ...]
     relevance: tuple[float, ...]  # one grade per candidate; > 0 means relevant
+    # "{file}: row {n}" and the row's video field names, to name the row of an item that cannot be embedded;
+    # not part of a row's identity.
+    source: str = dataclasses.field(default="", compare=False)
+    video_fields: tuple[str, str] = dataclasses.field(default=("qry_video_path", "tgt_video_path"), compare=False)
 
 
 def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
-                   check_files: bool = True) -> list[EvalRow]:
+                   check_files: bool = True, allow_outside_root: bool = False) -> list[EvalRow]:
     """Reads MMEB-V2-format evaluation rows from `.jsonl` or `.parquet`.
 
     Fields: `qry_inst`, `qry_text`, `qry_img_path` (str, "" or null for none), `tgt_inst`, `tgt_text` (list),
@@ -140,8 +161,13 @@ def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None =
       path: the file (local, or a URL such as `gs://BUCKET/eval/x_test.jsonl`).
       data_dir: folder the relative media paths start from (default: the file's folder); local or a URL.
       check_files: verify that every image / frame exists (for URLs: one listing per folder).
+      allow_outside_root: read media paths that leave `data_dir` (an absolute path, a `..` leading out, a
+        symbolic link pointing out; `btoks_jax.data.media.outside_root`), refused by default.
     Raises:
-      ValueError naming the file, the 1-based row number and the field of the first bad row.
+      ValueError naming the file, the 1-based row number and the field of the first bad row (a missing or wrongly
+      typed field, a query with no content, a missing image or frame, a video of fewer than
+      `btoks_jax.data.media.MIN_VIDEO_FRAMES` frames, a media path outside `data_dir`). No row is skipped:
+      every query is scored.
     """
     path = fs.as_path(path)
     data_dir = fs.as_path(data_dir) if data_dir is not None else fs.parent(path)
@@ -150,14 +176,17 @@ def read_eval_rows(path: str | os.PathLike, data_dir: str | os.PathLike | None =
     for number, record in iter_records(path):
         if not isinstance(record, dict):
             raise ValueError(f"{path}: row {number}: expected a JSON object, got {type(record).__name__}")
+        source = f"{path}: row {number}"
         try:
-            rows.append(_parse_row(record, data_dir, check_files, files))
+            rows.append(_parse_row(record, data_dir, check_files, files, allow_outside_root, source))
         except RowError as err:
-            raise err.at(f"{path}: row {number}") from None
+            raise err.at(source) from None
     return rows
 
 
-def _parse_row(record: dict, data_dir: Path | str, check_files: bool, files: fs.FileIndex | None = None) -> EvalRow:
+def _parse_row(record: dict, data_dir: Path | str, check_files: bool, files: fs.FileIndex | None = None,
+               allow_outside_root: bool = False, source: str = "") -> EvalRow:
+    media = {"check_files": check_files, "files": files, "allow_outside_root": allow_outside_root}
     texts = string_list_field(record, "tgt_text", required=True)
     if not texts:
         raise RowError("tgt_text", "empty candidate list")
@@ -171,19 +200,21 @@ def _parse_row(record: dict, data_dir: Path | str, check_files: bool, files: fs.
         raise RowError(video_field, f"expected a list of {num} frame folders / frame lists")
     tgt_inst = string_field(record, "tgt_inst")
     candidates = tuple(
-        Item(text=text or "", image=image_path(image, data_dir, "tgt_img_path", check_files, files),
-             video=video_frames(video, data_dir, video_field, check_files, files), instruction=tgt_inst)
+        Item(text=text or "", image=image_path(image, data_dir, "tgt_img_path", **media),
+             video=video_frames(video, data_dir, video_field, **media),
+             instruction=tgt_inst)
         for text, image, video in zip(texts, images, videos)
     )
     qry_video_field, qry_video = first_present(record, "qry_video_path", "qry_frame_paths")
     query = Item(text=string_field(record, "qry_text"),
                  image=image_path(string_field(record, "qry_img_path", required=False), data_dir, "qry_img_path",
-                                  check_files, files),
-                 video=video_frames(qry_video, data_dir, qry_video_field, check_files, files),
+                                  **media),
+                 video=video_frames(qry_video, data_dir, qry_video_field, **media),
                  instruction=string_field(record, "qry_inst"))
     if query.text == "" and query.image is None and query.video is None and query.instruction == "":
         raise RowError("qry_text", "the query has no text, image or video")
-    return EvalRow(query, candidates, _relevance(record.get("qrels"), num))
+    return EvalRow(query, candidates, _relevance(record.get("qrels"), num), source=source,
+                   video_fields=(qry_video_field, video_field))
 
 
 def _relevance(value, num: int) -> tuple[float, ...]:
@@ -288,6 +319,9 @@ def evaluate_dataset(rows: Sequence[EvalRow], embed_fn: EmbedFn | EmbeddingCache
       name: label for the progress bars.
     Returns:
       {"hit@1", ..., "mrr@10", "num_pred", "num_data"} as in VLM2Vec's `{dataset}_score.json`.
+    Raises:
+      ValueError naming the row and field (`EvalRow.source`) of an item that cannot be embedded (`ItemError`
+      from the embedder, or a `MediaError` from `embed_fn`): a query is never dropped.
     """
     if ranking not in ("local", "global"):
         raise ValueError(f"ranking must be 'local' or 'global', got {ranking!r}")
@@ -295,7 +329,14 @@ def evaluate_dataset(rows: Sequence[EvalRow], embed_fn: EmbedFn | EmbeddingCache
         raise ValueError("no evaluation rows")
     cache = embed_fn if isinstance(embed_fn, EmbeddingCache) else EmbeddingCache(embed_fn, batch_size, progress)
     label = f"{name} " if name else ""
-    queries = cache([row.query for row in rows], desc=f"{label}queries")
+
+    def embedded(items: Sequence[Item], desc: str) -> np.ndarray:
+        try:
+            return cache(items, desc=desc)
+        except (ItemError, MediaError) as err:
+            raise _row_error(err, rows, name) from None
+
+    queries = embedded([row.query for row in rows], desc=f"{label}queries")
     if ranking == "local":
         candidate_lists, grade_lists = [], []
         for row in rows:
@@ -303,7 +344,7 @@ def evaluate_dataset(rows: Sequence[EvalRow], embed_fn: EmbedFn | EmbeddingCache
             candidate_lists.append(list(grades))
             grade_lists.append(list(grades.values()))
         flat = [item for items in candidate_lists for item in items]
-        table = cache(flat, desc=f"{label}candidates")
+        table = embedded(flat, desc=f"{label}candidates")
         bounds = np.cumsum([0] + [len(items) for items in candidate_lists])
         scores = local_ranking_metrics(queries, [table[a:b] for a, b in itertools.pairwise(bounds)],
                                        grade_lists, ks)
@@ -315,10 +356,36 @@ def evaluate_dataset(rows: Sequence[EvalRow], embed_fn: EmbedFn | EmbeddingCache
             qrels.append({index.setdefault(item, len(index)): g for item, g in grades.items() if g > 0})
         for item in corpus:
             index.setdefault(item, len(index))
-        scores = global_ranking_metrics(queries, cache(list(index), desc=f"{label}corpus"), qrels, ks)
+        scores = global_ranking_metrics(queries, embedded(list(index), desc=f"{label}corpus"), qrels, ks)
     scores["num_pred"] = len(rows)
     scores["num_data"] = len(rows)
     return scores
+
+
+def _row_error(err: ItemError | MediaError, rows: Sequence[EvalRow], name: str) -> ValueError:
+    """The error of an item that cannot be embedded, naming the first row holding it and its field (a row of a
+    published set, which has no `source`, by its position), or the corpus when no row lists it."""
+    if isinstance(err, ItemError) and err.item is not None:
+        message = err.message
+
+        def holds(item: Item) -> bool:
+            return item == err.item
+    else:  # a file: the item holding it
+        message = err.message if isinstance(err, ItemError) else str(err)
+        path = getattr(err, "path", None)
+
+        def holds(item: Item) -> bool:
+            return path is not None and (item.image == path or path in (item.video or ()))
+    for number, row in enumerate(rows, start=1):
+        where = row.source or f"{name or 'evaluation rows'}: row {number}"
+        if holds(row.query):
+            field = row.video_fields[0] if row.query.video else "qry_img_path"
+            return ValueError(f"{where}: field '{field}': {message}")
+        for entry, candidate in enumerate(row.candidates, start=1):
+            if holds(candidate):
+                field = row.video_fields[1] if candidate.video else "tgt_img_path"
+                return ValueError(f"{where}: field '{field}': entry {entry}: {message}")
+    return ValueError(f"{name or 'evaluation rows'}: a corpus item: {message}")
 
 
 def _merge_duplicates(items: Sequence[Item], grades: Sequence[float]) -> dict[Item, float]:

@@ -59,11 +59,13 @@ def ranking_of(name: str) -> str:
 
 def evaluate_folder(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], data_dir: str | os.PathLike, *,
                     out_dir: str | os.PathLike | None = None, datasets: Sequence[str] | None = None,
-                    batch_size: int = 16, progress: bool = True, max_rows: int | None = None) -> dict:
-    """Scores every data set of `data_dir`; returns the summary (and writes files when `out_dir`)."""
+                    batch_size: int = 16, progress: bool = True, max_rows: int | None = None,
+                    allow_outside_root: bool = False) -> dict:
+    """Scores every data set of `data_dir`; returns the summary (and writes files when `out_dir`). Media paths
+    of the rows must stay inside `data_dir` unless `allow_outside_root` (`mmeb.read_eval_rows`)."""
     scores = {}
     for name, path in discover(data_dir, datasets).items():
-        rows = mmeb.read_eval_rows(path, data_dir)
+        rows = mmeb.read_eval_rows(path, data_dir, allow_outside_root=allow_outside_root)
         if max_rows:
             rows = rows[:max_rows]
         scores[name] = mmeb.evaluate_dataset(rows, embed_fn, ranking_of(name), batch_size, progress=progress,
@@ -84,7 +86,7 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
                      out_dir: str | os.PathLike, *, style: str, media_dir: str | os.PathLike,
                      store=None, datasets: Sequence[str] | None = None, batch_size: int = 16,
                      max_rows: int | None = None, overwrite: bool = False, model_name: str = "btoks-jax",
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, log=print, allow_outside_media: bool = False) -> dict:
     """Scores every MMEB-V2 data set found under `root` (the layout of `btoks_jax.evaluate.published.common`).
 
     Writes VLM2Vec's files: `out_dir/<image|video|visdoc>/<Dataset>_score.json` per data set (an existing one is
@@ -101,6 +103,7 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
       store: an `EmbeddingStore` shared by all data sets (candidates embedded once, across runs too).
       datasets: only these names (default: all 78).
       max_rows: first rows of each data set only (a partial score, for smoke runs).
+      allow_outside_media: accept items whose media leave `root` and `media_dir` (`check_task_media`).
     Returns:
       the summary, with "missing" = {name: why} for the sets not found.
     """
@@ -131,6 +134,8 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
             continue
         if task.ranking != spec.ranking:
             raise RuntimeError(f"{name}: the reader ranks {task.ranking}, the MMEB-V2 map says {spec.ranking}")
+        if not allow_outside_media:
+            check_task_media(task, name, (root, media_dir))
         rows = task.rows[:max_rows] if max_rows else task.rows
         before = cache.embedded
         scores[name] = mmeb.evaluate_dataset(rows, cache, task.ranking, corpus=task.corpus, progress=progress,
@@ -143,6 +148,40 @@ def evaluate_mmeb_v2(embed_fn: Callable[[Sequence[mmeb.Item]], np.ndarray], root
     mmeb.write_summary(fs.joinpath(out_dir, "summary.json"), summary)
     mmeb.write_summary(fs.joinpath(out_dir, f"{model_name}.json"), leaderboard(scores, model_name))
     return summary
+
+
+def check_task_media(task, name: str, roots: Sequence[str | os.PathLike]) -> None:
+    """Raises ValueError when an item of a published set's `task` names an image or frame outside every one of
+    `roots` (the download root and the folder extracted pages go to): the paths come from the downloaded
+    annotations, which are data (`btoks_jax.data.media.outside_root`: an absolute path, a `..` leading out, a
+    symbolic link pointing out; URLs checked for `..` segments only). Each distinct path is checked once."""
+    from btoks_jax.data.media import OUTSIDE_HINT, outside_root
+
+    seen: set[str] = set()
+
+    def check(path: str | None, where: str) -> None:
+        if path is None or path in seen:
+            return
+        reasons = [outside_root(root, _relative(path, root), path) for root in roots]
+        if all(reasons):
+            raise ValueError(f"{where}: media path {path} is outside the MMEB-V2 folders "
+                             f"{', '.join(map(str, roots))} ({reasons[0]}); {OUTSIDE_HINT}")
+        seen.add(path)
+
+    for number, row in enumerate(task.rows, start=1):
+        for label, item in [("query", row.query)] + [(f"candidate {j}", c) for j, c in enumerate(row.candidates, 1)]:
+            for path in (item.image, *(item.video or ())):
+                check(path, f"{name}: row {number}: {label}")
+    for item in task.corpus:
+        for path in (item.image, *(item.video or ())):
+            check(path, f"{name}: corpus")
+
+
+def _relative(path: str, root: str | os.PathLike) -> str:
+    """`path` as a value under `root` would spell it (what `outside_root` judges `..` and absolute paths by)."""
+    if fs.is_remote(path) or fs.is_remote(root):
+        return path
+    return os.path.relpath(path, os.fspath(root))
 
 
 # The reporter's file-level gaps and its renaming of the two re-paged OOD sets (report_score_v2.py).

@@ -68,12 +68,11 @@ def load_image(image: ImageLike, convert_rgb: bool = True) -> np.ndarray:
 
     Files are opened as `transformers.image_utils.load_image` does (EXIF orientation applied, then
     `convert("RGB")`, which drops alpha); in-memory images with alpha are composited on white, as the HF
-    image processor's `convert_to_rgb` does for PIL images and for arrays (float64 blend, rounded).
+    image processor's `convert_to_rgb` does for PIL images and for arrays (float64 blend, rounded). A file that
+    cannot be read raises `MediaError` naming it (`read_image`).
     """
     if isinstance(image, (str, os.PathLike)):
-        source = io.BytesIO(fs.read_bytes(image)) if _is_url(image) else image
-        with Image.open(source) as opened:
-            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+        return read_image(image)
     if isinstance(image, Image.Image):
         if not convert_rgb:
             return np.asarray(image)
@@ -96,6 +95,84 @@ def load_image(image: ImageLike, convert_rgb: bool = True) -> np.ndarray:
     if array.shape[-1] != 3:
         raise ValueError(f"Expected 1, 3 or 4 channels, got shape {array.shape}.")
     return array
+
+
+class MediaError(ValueError):
+    """An image file that cannot be read: missing, empty, not an image Pillow can decode, truncated, or larger
+    than Pillow's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; twice that number of pixels is refused).
+    `path` names the file (or `<N encoded bytes>`), `reason` says what is wrong. A ValueError, so the readers
+    add the row and field and `btoks` reports it with exit status 2."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read image {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _name(source: str | os.PathLike | bytes) -> str:
+    return f"<{len(source)} encoded bytes>" if isinstance(source, (bytes, bytearray)) else os.fspath(source)
+
+
+def _open(source: str | os.PathLike | bytes) -> Image.Image:
+    """`Image.open` of a local file, a URL (read whole, one request) or encoded bytes."""
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source))
+    if _is_url(source):
+        return Image.open(io.BytesIO(fs.read_bytes(source)))
+    return Image.open(source)
+
+
+def _reason(source: str | os.PathLike | bytes, err: Exception) -> str:
+    """What a failure to open or decode `source` means, in words."""
+    if isinstance(err, FileNotFoundError):
+        return "file not found"
+    if isinstance(err, IsADirectoryError):
+        return "a folder, not a file"
+    if isinstance(err, Image.DecompressionBombError):
+        return f"{err} (Pillow's limit: 2 * PIL.Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS} pixels)"
+    if isinstance(err, MemoryError):
+        return "not enough memory to decode it"
+    if isinstance(err, Image.UnidentifiedImageError):
+        try:
+            empty = len(source) == 0 if isinstance(source, (bytes, bytearray)) else fs.size(source) == 0
+        except (OSError, ValueError):
+            empty = False
+        return "empty file (0 bytes)" if empty else "not an image file (Pillow cannot identify its format)"
+    if isinstance(err, PermissionError):
+        return "permission denied"
+    text = str(err).strip() or "decoding failed"
+    if text == "Truncated File Read":  # what `Image.verify` says of a truncated PNG
+        return "image file is truncated"
+    return text if isinstance(err, OSError) else f"{type(err).__name__}: {text}"
+
+
+def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
+    """uint8[H, W, 3] RGB pixels of an image file, a local path, a URL (`gs://BUCKET/img.jpg`, read whole in one
+    request through `btoks_jax.fs`) or the file's encoded bytes, opened as `transformers.image_utils.load_image`
+    does (EXIF orientation applied, then `convert("RGB")`).
+
+    Raises MediaError naming the file, whatever goes wrong: a missing or empty file, one that is not an image,
+    truncated or damaged data, an image over Pillow's decompression-bomb limit. Files are untrusted input, and
+    Pillow's decoders raise many kinds of exception on damaged data (OSError, SyntaxError, EOFError, ...), so
+    every Exception from opening and decoding becomes a MediaError."""
+    try:
+        with _open(source) as opened:
+            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+    except Exception as err:  # every failure of untrusted data (see the docstring)
+        raise MediaError(_name(source), _reason(source, err)) from None
+
+
+def check_image(source: str | os.PathLike | bytes) -> tuple[int, int]:
+    """(width, height) of an image file, checked without decoding its pixels: it exists, Pillow identifies its
+    format, its size is within the decompression-bomb limit, and its structure verifies (`Image.verify`: PNG
+    chunks and checksums, so a truncated PNG fails here; a truncated JPEG shows only when decoded). Raises
+    MediaError naming the file."""
+    try:
+        with _open(source) as opened:
+            size = opened.size
+            opened.verify()
+            return size
+    except Exception as err:  # as read_image
+        raise MediaError(_name(source), _reason(source, err)) from None
 
 
 def _is_url(path: str | os.PathLike) -> bool:

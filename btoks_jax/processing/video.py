@@ -120,6 +120,14 @@ def linspace_frame_indices(total_frames: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total_frames - 1, num_frames).astype(np.int64)
 
 
+def _named(frame: ImageLike) -> str:
+    return f" ({os.fspath(frame)})" if isinstance(frame, (str, os.PathLike)) else ""
+
+
+def _size(pixels: np.ndarray) -> str:
+    return f"{pixels.shape[1]}x{pixels.shape[0]}"
+
+
 FRAME_SAMPLING = ("hf", "linspace")
 
 
@@ -212,9 +220,13 @@ class VideoProcessor:
             frames = [frames[i] for i in linspace_frame_indices(len(frames), self.num_frames)]
         elif self.num_frames is not None:
             frames = [frames[i] for i in sample_frame_indices(len(frames), self.num_frames, self.temporal_patch_size)]
-        pixels = [load_image(frame, self.do_convert_rgb) for frame in frames]
+        if not frames:
+            raise ValueError("a video needs at least one frame")
+        pixels = [load_image(frame, self.do_convert_rgb) for frame in frames]  # MediaError names a bad file
         if len({p.shape for p in pixels}) != 1:
-            raise ValueError(f"All frames of a video must have one size, got {sorted({p.shape for p in pixels})}.")
+            odd = next(i for i, p in enumerate(pixels) if p.shape != pixels[0].shape)
+            raise ValueError(f"All frames of a video must have one size: frame {odd + 1}{_named(frames[odd])} is "
+                             f"{_size(pixels[odd])}, frame 1{_named(frames[0])} {_size(pixels[0])}.")
         height, width = self.resized_size(len(pixels), *pixels[0].shape[:2])
         pixels = np.stack(pixels)  # [T, H, W, C]
         if self.do_resize:
