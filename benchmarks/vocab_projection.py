@@ -6,8 +6,8 @@ then takes the token losses (`losses.token_nll`). The fused path (`ntp_logits_ch
 one pass, skipping chunks that hold only padding; it never holds more than [B, c, V]. Both run the model's own head
 (`BToksModel.target_logits`: the tied table with the BTok rows), forward + backward, with the gradients a LoRA run
 needs (hidden states and BToks; the table frozen) or a full fine-tune needs (the table too). For LoRA it adds a head
-without the BTok rows (a constant table, gradients for the hidden states only): what the projection would cost if
-the K BTok columns were computed apart from the frozen table. For each width the script reports the compiled
+without the BTok rows (a constant table, gradients for the hidden states only): the bound of the model's head, which
+computes the K BTok columns apart from the frozen table. For each width the script reports the compiled
 temporaries (`memory_analysis()`) and the measured time, all paths of a row interleaved, ratios against the full
 logits of the model's head.
 

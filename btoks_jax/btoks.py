@@ -93,13 +93,20 @@ class BToksModel(nnx.Module):
 
     def target_logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, Lt, V]. With a tied head the BTok vectors are also the `<|btok_i|>` output rows,
-        exactly as in the authors' model, where the BToks are vocabulary rows of the tied table."""
+        exactly as in the authors' model, where the BToks are vocabulary rows of the tied table.
+
+        The K BTok columns are their own [Lt, D] x [D, K] product, written over the table's columns, rather
+        than the BTok vectors written into a copy of the [V, D] table: the values are the same, but the
+        gradient to the BToks is then that small product's, not the [V, D] gradient of the whole table from
+        which K rows would be taken (a third of the projection's work when the table is frozen, as under
+        LoRA). With a trainable table its BTok rows get no gradient from the logits either way."""
         backbone = self.backbone
         if backbone.lm_head is not None or not self.num_btoks or self.btok_ids is None:
             return backbone.logits(hidden)
         table = backbone.model.embed_tokens.value
-        table = table.at[np.asarray(self.btok_ids)].set(self.btoks.value.astype(table.dtype))
-        return jnp.einsum("btd,vd->btv", hidden, table.astype(hidden.dtype))
+        logits = jnp.einsum("btd,vd->btv", hidden, table.astype(hidden.dtype))
+        btoks = self.btoks.value.astype(table.dtype).astype(hidden.dtype)
+        return logits.at[..., np.asarray(self.btok_ids)].set(jnp.einsum("btd,kd->btk", hidden, btoks))
 
 
 def pool(hidden: jax.Array, layout: Layout, pooling: str = "btoks") -> jax.Array:
