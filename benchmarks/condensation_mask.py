@@ -152,7 +152,7 @@ def splash_tiles(query_len: int, num_btoks: int, target_len: int, block: int) ->
             padded = np.zeros((padded_len, padded_len), bool)
             padded[:t, :t] = mask
             padded[t:, t:] = np.tri(padded_len - t, dtype=bool)
-        else:  # what the kernel runs: `splash._pad_static_mask` makes padding rows plain causal rows
+        else:  # what the kernel runs: `splash._pad_static_mask` (for the condensation mask the same blind rows)
             padded = _pad_static_mask(mask, padded_len)
         return tiles(padded, b, b) + (b,)
 

@@ -140,16 +140,22 @@ def _check_static_mask(static_mask) -> np.ndarray:
 
 
 def _pad_static_mask(static_mask: np.ndarray, padded_len: int) -> np.ndarray:
-    """bool[Tp, Tp]: real rows unchanged and blind to padding; padded rows are plain causal rows.
+    """bool[Tp, Tp]: real rows unchanged and blind to padding; padded rows see only the padding, causally.
 
     Padding carries a segment id of its own, so what a padded row may see among the real columns is
-    irrelevant; making it causal keeps a causal mask causal (the lazy `CausalMask` still applies).
+    irrelevant to every output. A causal mask stays plain causal, so that the lazy `CausalMask` still
+    applies; any other mask (the condensation mask) keeps its padded rows off the real columns, so that the
+    tiles the mask empties are empty in the padded rows too and the kernel skips them (with causal padded
+    rows, the 512-row tile holding the target and the padding would see every query column).
     """
     t = len(static_mask)
     if padded_len == t:
         return static_mask
-    padded = np.tri(padded_len, dtype=bool)
+    if np.array_equal(static_mask, np.tri(t, dtype=bool)):
+        return np.tri(padded_len, dtype=bool)
+    padded = np.zeros((padded_len, padded_len), dtype=bool)
     padded[:t, :t] = static_mask
+    padded[t:, t:] = np.tri(padded_len - t, dtype=bool)
     return padded
 
 
