@@ -39,7 +39,20 @@ def causal_case():
     return np.tri(256, dtype=bool), ids
 
 
-CASES = {"causal": causal_case, "condensation": lambda: (condensation_mask(), condensation_segment_ids())}
+def tile_aligned_case():
+    """[Q | B | T] = [252 | 4 | 100] padded to 384: the target's tile row starts on a tile edge, so its query tile
+    is empty for the real rows and for the padding rows, and the kernel skips it."""
+    q, b, t = 252, 4, 100
+    mask = np.tri(q + b + t, dtype=bool)
+    mask[q + b:, :q] = False
+    ids = np.zeros((BATCH, q + b + t), np.int32)
+    ids[0, 40:] = 1
+    ids[1, :q + b + 70] = 2
+    return mask, ids
+
+
+CASES = {"causal": causal_case, "condensation": lambda: (condensation_mask(), condensation_segment_ids()),
+         "condensation_tile_aligned": tile_aligned_case}
 
 
 def random_qkv(batch: int, seq_len: int, seed: int = 0):
@@ -131,6 +144,9 @@ def test_block_skip_fraction():
     assert splash.block_skip_fraction(condensation, 128, 256) == 3 / 8
     # 200 tokens are padded to 256 as the kernel pads them: of 2 x 2 tiles only the one above the diagonal is empty.
     assert splash.block_skip_fraction(np.tri(200, dtype=bool), 128, 128) == 1 / 4
+    # Padding rows of a non-causal mask see only padding: [252 | 4 | 100] padded to 384 skips the 3 tiles above the
+    # diagonal and the target row's query tile (2, 0), which padding rows seeing every column would keep alive.
+    assert splash.block_skip_fraction(tile_aligned_case()[0], 128, 128) == 4 / 9
 
 
 def test_block_sizes_and_mask_checks():
