@@ -66,19 +66,22 @@ class BToksModel(nnx.Module):
         self.btoks = nnx.data(BTokParam(jnp.asarray(init, table.dtype), sharding_names=(None, "embed"),
                                         eager_sharding=False) if num_btoks else None)
 
-    def forward(self, inputs: ModelInputs, layout: Layout, *, mask_mode: str = "condensation"):
-        """Final hidden states float[B, L, D] of a packed `[Q | B | T]` batch."""
+    def forward(self, inputs: ModelInputs, layout: Layout, *, mask_mode: str = "condensation",
+                vision_features: jax.Array | None = None):
+        """Final hidden states float[B, L, D] of a packed `[Q | B | T]` batch; `vision_features` the batch's
+        `backbone.vision_features` when they were computed before (default: the vision tower runs)."""
         backbone = self.backbone
-        embeds = backbone.embed_inputs(inputs)  # [B, L, D]
+        embeds = backbone.embed_inputs(inputs, vision_features)  # [B, L, D]
         if self.num_btoks:
             btoks = jnp.broadcast_to(self.btoks.value.astype(embeds.dtype)[None], (embeds.shape[0],) + self.btoks.shape)
             embeds = embeds.at[:, layout.btok_slice].set(btoks)
         return backbone.decode(embeds, inputs, static_mask(layout, mask_mode))
 
     def __call__(self, inputs: ModelInputs, layout: Layout, *, pooling: str = "btoks",
-                 mask_mode: str = "condensation", target_logits: bool = False):
+                 mask_mode: str = "condensation", target_logits: bool = False,
+                 vision_features: jax.Array | None = None):
         """Returns (embeddings float32[B, D], L2-normalised; target-region logits float[B, Lt, V] or None)."""
-        hidden = self.forward(inputs, layout, mask_mode=mask_mode)
+        hidden = self.forward(inputs, layout, mask_mode=mask_mode, vision_features=vision_features)
         emb = self.pool(hidden, layout, pooling)
         logits = None
         if target_logits and layout.target_len:

@@ -92,7 +92,7 @@ def run_meta(config, model_cfg: Qwen2VLConfig) -> dict[str, Any]:
 RESUME_MAY_CHANGE = ("log_every", "progress", "compilation_cache_dir", "evals", "distributed", "checkpoint", "mesh",
                      "sharding_rules", "model.hf_dir", "model.attention_impl", "model.remat", "data.num_threads",
                      "data.prefetch_batches", "data.prepare", "data.prepare_dir", "data.on_bad_row",
-                     "data.max_skip_fraction", "train")
+                     "data.max_skip_fraction", "train", "step.cache_vision_features")
 # A data set may move (local -> gs://); its name, weight, sides stay.
 _DATASET_LOCATION = ("path", "image_root", "media_roots")
 

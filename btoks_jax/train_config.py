@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     # authors' main preset: lambda 5 for the first 2000 of 5000 steps, GIC as a per-chunk token mean.
     c.step = dict(objective="joint", temperature=0.02, ntp_weight=5.0, ntp_until_step=2000,
                   ntp_reduction="chunk_token_mean", ntp_chunk_size=8, chunk_size=0, pooling="btoks",
-                  mask_mode="condensation", symmetric=False, trainable="lora")
+                  mask_mode="condensation", symmetric=False, trainable="lora", cache_vision_features=True)
     c.optim = dict(learning_rate=5e-5, warmup_steps=100, weight_decay=0.01, clip_norm=1.0)
     # data.pipeline.PipelineConfig fields plus the mixture; `prepare="emoji"` builds the embedded data set.
     c.data = dict(

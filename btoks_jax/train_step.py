@@ -49,6 +49,10 @@ class StepConfig:
     # Target positions per chunk of the fused vocabulary projection + NTP loss (`losses.fused_token_nll_sum`): the
     # [B, Lt, V] logits are never held at once. 0: the whole target region's logits at once. Same loss either way.
     ntp_logits_chunk: int = 0
+    # GradCache (chunk_size > 0) with a frozen vision tower (trainable "lora"): the embedding pass keeps each chunk's
+    # merged vision features and the gradient pass reads them instead of running the tower again, which gets no
+    # gradient (the same values; memory: [B, M, D] features of the local batch). False runs the tower in both passes.
+    cache_vision_features: bool = True
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -87,6 +91,13 @@ def split_model(model: nnx.Module, mode: str):
     return graphdef, params, frozen
 
 
+def _vision_trains(params) -> bool:
+    """Whether any trainable parameter lies in the vision tower (`backbone.visual`)."""
+    paths = (jax.tree_util.keystr(path, simple=True, separator=".")
+             for path, _ in jax.tree_util.tree_leaves_with_path(params))
+    return any(".visual." in f".{path}." for path in paths)
+
+
 def _has_dropout(model) -> bool:
     return any(isinstance(m, nnx.Dropout) for _, m in nnx.iter_graph(model))
 
@@ -105,12 +116,13 @@ def _merge(graphdef, params, frozen, key):
     return model
 
 
-def _side(model, side, layout: Layout, cfg: StepConfig, logits: bool):
+def _side(model, side, layout: Layout, cfg: StepConfig, logits: bool, features=None):
     """(embeddings, the target region's logits), or with `ntp_logits_chunk` its final hidden states instead:
-    `_ntp_sum` then projects them chunk by chunk."""
+    `_ntp_sum` then projects them chunk by chunk. `features`: the side's vision features, computed before."""
     if not cfg.ntp_logits_chunk:
-        return model(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode, target_logits=logits)
-    hidden = model.forward(side["inputs"], layout, mask_mode=cfg.mask_mode)
+        return model(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode, target_logits=logits,
+                     vision_features=features)
+    hidden = model.forward(side["inputs"], layout, mask_mode=cfg.mask_mode, vision_features=features)
     target = hidden[:, layout.target_slice] if logits and layout.target_len else None
     return model.pool(hidden, layout, cfg.pooling), target
 
@@ -154,11 +166,17 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
         raise ValueError(f"global batch {b} is not a multiple of the chunk size {chunk}")
     n = b // chunk
 
-    def sides_forward(p, sub, key_i, logits):
+    def sides_forward(p, sub, key_i, logits, features=None, keep_features=False):
+        """(query embeddings, positive embeddings, (model, NTP outputs), vision features by side): the vision
+        tower runs here unless `features` holds the sides' features; `keep_features` returns them."""
         model = _merge(graphdef, p, frozen, key_i)
-        q_emb, q_out = _side(model, sub["query"], q_layout, cfg, logits)
-        p_emb, p_out = _side(model, sub["positive"], p_layout, cfg, logits)
-        return q_emb, p_emb, (model, q_out, p_out)
+        if keep_features:
+            features = {s: model.backbone.vision_features(sub[s]["inputs"]) for s in ("query", "positive")}
+            features = {s: f for s, f in features.items() if f is not None}
+        features = features or {}
+        q_emb, q_out = _side(model, sub["query"], q_layout, cfg, logits, features.get("query"))
+        p_emb, p_out = _side(model, sub["positive"], p_layout, cfg, logits, features.get("positive"))
+        return q_emb, p_emb, (model, q_out, p_out), features
 
     def ntp_part(sub, out, wq, wp):
         if not need_ntp:
@@ -168,7 +186,7 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
 
     if n == 1:
         def full_loss(p):
-            q_emb, p_emb, out = sides_forward(p, batch, key, need_ntp)
+            q_emb, p_emb, out, _ = sides_forward(p, batch, key, need_ntp)
             nce = losses.info_nce(q_emb, p_emb, temperature=cfg.temperature, symmetric=cfg.symmetric) \
                 if need_nce else jnp.float32(0.0)
             ntp = ntp_part(batch, out, w_q, w_p)
@@ -177,14 +195,16 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
         (loss, (nce, ntp)), grads = jax.value_and_grad(full_loss, has_aux=True)(params)
     else:
         keys = jax.random.split(key, n)
-        nce, g_q, g_p = jnp.float32(0.0), None, None
+        nce, g_q, g_p, vision = jnp.float32(0.0), None, None, None
+        # The gradient pass may reuse the embedding pass's vision features when no parameter of the tower trains.
+        keep_vision = need_nce and cfg.cache_vision_features and not _vision_trains(params)
         if need_nce:
             def embed_chunk(_, i):
-                sub = _chunk(batch, i, n)
-                q_emb, p_emb, _ = sides_forward(params, sub, keys[i], False)
-                return None, (q_emb, p_emb)
+                q_emb, p_emb, _, features = sides_forward(params, _chunk(batch, i, n), keys[i], False,
+                                                          keep_features=keep_vision)
+                return None, (q_emb, p_emb, features)
 
-            _, (q_embs, p_embs) = jax.lax.scan(embed_chunk, None, jnp.arange(n))  # [N, C, D]
+            _, (q_embs, p_embs, vision) = jax.lax.scan(embed_chunk, None, jnp.arange(n))  # [N, C, D]
             unchunk = lambda e: e.transpose(1, 0, 2).reshape(b, -1)  # row j*N+i <- chunk i, row j  # noqa: E731
             q_all, p_all = jax.lax.stop_gradient(unchunk(q_embs)), jax.lax.stop_gradient(unchunk(p_embs))
             nce, (g_q, g_p) = jax.value_and_grad(
@@ -195,9 +215,10 @@ def loss_and_grads(graphdef, params, frozen, batch, layouts: tuple[Layout, Layou
         def grad_chunk(acc, i):
             sub = _chunk(batch, i, n)
             w = _chunk({k: v for k, v in weights.items() if v is not None}, i, n)
+            features = jax.tree.map(lambda f: f[i], vision) if vision else None  # [N, C, M, D] -> chunk i
 
             def surrogate(p):
-                q_emb, p_emb, out = sides_forward(p, sub, keys[i], need_ntp)
+                q_emb, p_emb, out, _ = sides_forward(p, sub, keys[i], need_ntp, features)
                 s = jnp.float32(0.0)
                 if need_nce:
                     s = jnp.sum(q_emb * w["gq"]) + jnp.sum(p_emb * w["gp"])

@@ -35,6 +35,36 @@ def test_gradcache_equals_full_batch(objective):
     assert diff <= 1e-5 * max(1.0, scale), (diff, scale)
 
 
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+
+def test_gradcache_reuses_the_frozen_vision_features():
+    """With the vision tower frozen, the gradient pass reads the embedding pass's vision features: the same loss and
+    gradients as running the tower in both passes, in a program with fewer flops. A trainable tower is rerun."""
+    model = U.model()
+    batch, layouts = U.batch()
+    g, params, frozen = train_step.split_model(model, "lora")
+    assert not train_step._vision_trains(params)
+    assert train_step._vision_trains(train_step.split_model(model, "full")[1])
+    out, flops = {}, {}
+    for cache in (False, True):
+        cfg = train_step.StepConfig(objective="joint", chunk_size=2, cache_vision_features=cache)
+        f = jax.jit(lambda p, fr, b, cfg=cfg:
+                    train_step.loss_and_grads(g, p, fr, b, layouts, jax.random.key(0), cfg)[1:])
+        compiled = f.lower(params, frozen, batch).compile()
+        flops[cache] = _flops(compiled)
+        out[cache] = compiled(params, frozen, batch)
+    (m0, g0), (m1, g1) = out[False], out[True]
+    assert abs(float(m0["loss"]) - float(m1["loss"])) <= 1e-6 * max(1.0, abs(float(m0["loss"])))
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g0))
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    assert diff <= 1e-6 * max(1.0, scale), (diff, scale)
+    assert flops[True] < flops[False], flops
+
+
 def _one_step(mesh, objective, mode, chunk):
     cfg = train_step.StepConfig(objective=objective, trainable=mode, chunk_size=chunk)
     model = build.build(U.CFG, num_btoks=U.K, lora=LORA if mode == "lora" else None, seed=3, mesh=mesh)

@@ -32,12 +32,22 @@ class Qwen2VL(nnx.Module):
             t.hidden_size, t.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype,
             param_dtype=param_dtype, rngs=rngs))
 
-    def embed_inputs(self, inputs: ModelInputs) -> jax.Array:
-        """Token embeddings with the merged vision features scattered into the pad slots. [B, T, D]."""
-        embeds = self.model.embed(inputs.input_ids)  # [B, T, D]
+    def vision_features(self, inputs: ModelInputs) -> jax.Array | None:
+        """The merged vision features [B, M, D] of the batch's patches (the vision tower), None without patches."""
         if inputs.pixel_values is None or inputs.pixel_values.shape[1] == 0:
+            return None
+        return self.visual(inputs.pixel_values, inputs.patch_positions, inputs.patch_segment_ids)
+
+    def embed_inputs(self, inputs: ModelInputs, features: jax.Array | None = None) -> jax.Array:
+        """Token embeddings with the merged vision features scattered into the pad slots. [B, T, D].
+
+        `features`: the batch's `vision_features`, computed before (the GradCache passes share them when the
+        vision tower is frozen); by default the vision tower runs here."""
+        embeds = self.model.embed(inputs.input_ids)  # [B, T, D]
+        if features is None:
+            features = self.vision_features(inputs)
+        if features is None:
             return embeds
-        features = self.visual(inputs.pixel_values, inputs.patch_positions, inputs.patch_segment_ids)  # [B, M, D]
         index = jnp.clip(inputs.vision_index, 0, features.shape[1] - 1)
         placed = jnp.take_along_axis(features, index[..., None], axis=1)  # [B, T, D]
         return jnp.where((inputs.vision_index >= 0)[..., None], placed.astype(embeds.dtype), embeds)
