@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import train_utils as U
 
 from btoks_jax.data import tfds_mmeb
 from btoks_jax.data.emoji_dataset import build_emoji_dataset
@@ -39,24 +40,6 @@ def specs(emoji):
 
 def _iterator(specs, tokenizer, config=PIPE, **kwargs):
     return TrainBatchIterator(specs, config, CFG, tokenizer, **kwargs)
-
-
-def _arrays(batch):
-    """Every array of a TrainBatch, by name."""
-    out = {"dataset_ids": batch.dataset_ids, "row_ids": batch.row_ids}
-    for side in ("query", "positive"):
-        packed = getattr(batch, side)
-        out[f"{side}.labels"], out[f"{side}.label_mask"] = packed.labels, packed.label_mask
-        for name, value in vars(packed.inputs).items():
-            out[f"{side}.{name}"] = np.asarray(value)
-    return out
-
-
-def _assert_same(a, b):
-    assert a.query.layout == b.query.layout and a.positive.layout == b.positive.layout
-    x, y = _arrays(a), _arrays(b)
-    for name in x:
-        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
 
 
@@ -188,7 +171,7 @@ def test_video_rows(emoji, tokenizer, tmp_path, write_jsonl):
         iterator = _iterator([spec], tokenizer, config)
         batches.append(next(iterator))
         iterator.close()
-    _assert_same(*batches)
+    U.assert_same_batches(*batches)
     query = batches[0].query
     # 4 frames of 84x84: 2 temporal patches of 3x3 merged tokens, 72 patches.
     assert ((np.asarray(query.inputs.input_ids) == CFG.video_token_id).sum(1) == 18).all()
@@ -235,7 +218,7 @@ def test_determinism_subbatches_and_seed(specs, tokenizer):
     first, second = _iterator(specs, tokenizer), _iterator(specs, tokenizer)
     batches = [next(first) for _ in range(4)]
     for batch in batches:
-        _assert_same(batch, next(second))
+        U.assert_same_batches(batch, next(second))
         ids = batch.dataset_ids.reshape(-1, PIPE.subbatch_size)
         assert (ids == ids[:, :1]).all(), "a sub-batch mixes data sets"
     assert len({int(d) for b in batches for d in b.dataset_ids}) > 1
@@ -272,7 +255,7 @@ def test_process_slices_concatenate_to_the_global_batch(specs, tokenizer):
             halves = list(pool.map(next, parts))
             assert all(h.query.layout == expected.query.layout for h in halves)
             assert all(h.positive.layout == expected.positive.layout for h in halves)
-            got, want = [_arrays(h) for h in halves], _arrays(expected)
+            got, want = [U.batch_arrays(h) for h in halves], U.batch_arrays(expected)
             for name, value in want.items():
                 axis = 1 if name.endswith(".positions") else 0  # positions are int32[3, B, T]
                 np.testing.assert_array_equal(np.concatenate([g[name] for g in got], axis), value, err_msg=name)
@@ -291,7 +274,7 @@ def test_state_restore_reproduces_the_sequence(specs, tokenizer):
     for want in expected:
         got = next(resumed)
         assert got.step == want.step
-        _assert_same(got, want)
+        U.assert_same_batches(got, want)
     with pytest.raises(ValueError, match="another configuration"):
         resumed.set_state({**state, "seed": 5})
     run.close()
@@ -364,7 +347,7 @@ def test_tfds_round_trip(emoji, tokenizer, specs, tmp_path):
                  for s in specs]
     a, b = _iterator(specs, tokenizer), _iterator(from_tfds, tokenizer)
     for _ in range(2):
-        _assert_same(next(a), next(b))
+        U.assert_same_batches(next(a), next(b))
     a.close()
     b.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import sys
 import time
 
 import pytest
+import train_utils as U
 
 from btoks_jax.data.emoji_dataset import build_emoji_dataset
 
@@ -36,15 +36,8 @@ def _env():
 
 def _losses(workdir) -> dict[int, list[float]]:
     out: dict[int, list[float]] = {}
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-            if "loss" in row:
-                out.setdefault(row["step"], []).append(row["loss"])
+    for row in U.loss_rows(workdir):
+        out.setdefault(row["step"], []).append(row["loss"])
     return out
 
 

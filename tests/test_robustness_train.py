@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import train_utils as U
 from flax import nnx
 
 from btoks_jax import checkpoint, sharding, train
@@ -102,21 +103,6 @@ def _env():
     return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
-def _rows(workdir) -> list[dict]:
-    out = []
-    path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if "loss" in row:
-                    out.append(row)
-    return out
-
-
 def _run(config_file, workdir, *overrides, check=True):
     t0 = time.monotonic()
     r = subprocess.run(_cmd(config_file, workdir, *overrides), env=_env(), capture_output=True, text=True,
@@ -131,29 +117,12 @@ def reference(run_config, tmp_path_factory):
     """The uninterrupted run: its workdir, losses and skip counts by step, and how long it took."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
     _, seconds = _run(run_config, workdir)
-    rows = _rows(workdir)
+    rows = U.loss_rows(workdir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return workdir, {r["step"]: r["loss"] for r in rows}, {r["step"]: r["skipped_rows"] for r in rows}, seconds
 
 
 # ===================================== bad rows =====================================
-
-
-def _arrays(batch):
-    out = {"dataset_ids": batch.dataset_ids, "row_ids": batch.row_ids}
-    for side in ("query", "positive"):
-        packed = getattr(batch, side)
-        out[f"{side}.labels"], out[f"{side}.label_mask"] = packed.labels, packed.label_mask
-        for name, value in vars(packed.inputs).items():
-            out[f"{side}.{name}"] = np.asarray(value)
-    return out
-
-
-def _assert_same(a, b):
-    assert a.query.layout == b.query.layout and a.positive.layout == b.positive.layout
-    x, y = _arrays(a), _arrays(b)
-    for name in x:
-        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
 
 
 CFG = tiny_config()
@@ -166,7 +135,7 @@ def test_skipped_rows_are_replaced_deterministically_and_counted(emoji, tokenize
     fail = TrainBatchIterator([good], PIPE, CFG, tokenizer)
     skip = TrainBatchIterator([good], dataclasses.replace(PIPE, on_bad_row="skip"), CFG, tokenizer)
     for _ in range(3):  # without bad rows, "skip" gives the batches of "fail", bit for bit
-        _assert_same(next(fail), next(skip))
+        U.assert_same_batches(next(fail), next(skip))
     assert skip.skipped_rows == 0 and skip.rows_read == 24
     fail.close(), skip.close()
 
@@ -192,7 +161,7 @@ def test_skipped_rows_are_replaced_deterministically_and_counted(emoji, tokenize
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)
-        _assert_same(got, want)
+        U.assert_same_batches(got, want)
         assert got.skipped == want.skipped
     assert (resumed.skipped_rows, resumed.rows_read) == (skip.skipped_rows, skip.rows_read)
     skip.close(), resumed.close()
@@ -236,7 +205,7 @@ def test_nonfinite_steps_are_not_applied_and_stop_the_run(run_config, tmp_path):
     assert r.returncode != 0
     assert "NonFiniteError" in r.stderr and "steps 1..2 all had a non-finite loss" in r.stderr, r.stderr[-3000:]
     assert "the update was not applied" in r.stderr and "emoji_i2t rows [" in r.stderr
-    rows = _rows(workdir)
+    rows = U.loss_rows(workdir)
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row["skipped_update"] == 1.0 and math.isnan(row["loss"]) for row in rows)
     mgr = checkpoint.manager(str(workdir), read_only=True, async_save=False)
@@ -349,7 +318,7 @@ def test_repeated_kills_at_random_points_reproduce_the_uninterrupted_run(run_con
         inside_save += kind == "save" and any(TMP in n for n in os.listdir(ckpts))
     assert inside_save >= 1, "no kill landed inside a save"
     _run(run_config, workdir)
-    rows = _rows(workdir)
+    rows = U.loss_rows(workdir)
     assert sorted({r["step"] for r in rows}) == list(range(1, STEPS + 1))
     assert not any(TMP in n for n in os.listdir(ckpts))
     for row in rows:

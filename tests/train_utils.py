@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import hf_utils as H
 import numpy as np
@@ -53,3 +55,40 @@ def batch(b: int = 8, seed: int = 0, query_len: int = 24, target_len: int = 10):
     p = pack(pb, CFG, num_btoks=K, query_len=8, targets=p_targets, target_len=target_len)
     as_dict = lambda s: {"inputs": s.inputs, "labels": s.labels, "label_mask": s.label_mask}  # noqa: E731
     return {"query": as_dict(q), "positive": as_dict(p)}, (q.layout, p.layout)
+
+
+def batch_arrays(batch) -> dict[str, np.ndarray]:
+    """Every array of a `TrainBatch`, by name."""
+    out = {"dataset_ids": batch.dataset_ids, "row_ids": batch.row_ids}
+    for side in ("query", "positive"):
+        packed = getattr(batch, side)
+        out[f"{side}.labels"], out[f"{side}.label_mask"] = packed.labels, packed.label_mask
+        for name, value in vars(packed.inputs).items():
+            out[f"{side}.{name}"] = np.asarray(value)
+    return out
+
+
+def assert_same_batches(a, b) -> None:
+    """Two `TrainBatch`es hold the same layouts and arrays, bit for bit."""
+    assert a.query.layout == b.query.layout and a.positive.layout == b.positive.layout
+    x, y = batch_arrays(a), batch_arrays(b)
+    for name in x:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def loss_rows(workdir) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` that hold a loss, in file order ([] before the file exists); a line
+    cut by a kill is skipped."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if "loss" in row:
+                rows.append(row)
+    return rows
