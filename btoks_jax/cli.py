@@ -90,8 +90,6 @@ def _embed(args) -> int:
     from btoks_jax.evaluate.mmeb import ItemError
 
     items, numbers = _read_embed_rows(args.input, allow_outside_root=args.allow_outside_media, with_rows=True)
-    if args.max_text_tokens is not None and args.max_text_tokens < 1:
-        raise ValueError(f"--max-text-tokens must be at least 1, got {args.max_text_tokens}")
     model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks)
     if args.max_text_tokens is not None:
         model.max_text_tokens = args.max_text_tokens
@@ -122,8 +120,6 @@ def _eval(args) -> int:
     if bool(args.data) == bool(args.mmeb_v2):
         raise ValueError("give exactly one of --data (a folder of MMEB-V2-format rows) and --mmeb-v2 (the download "
                          "root of the published MMEB-V2 sets)")
-    if args.max_text_tokens is not None and args.max_text_tokens < 1:
-        raise ValueError(f"--max-text-tokens must be at least 1, got {args.max_text_tokens}")
     from btoks_jax import fs
 
     model = btoks_jax.from_pretrained(args.model, step=args.step, num_btoks=args.num_btoks,
@@ -218,6 +214,17 @@ def _main_job(args) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse reports anything else as a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="btoks", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -231,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--num-btoks", type=int, default=None)
-    e.add_argument("--max-text-tokens", type=int, default=None, metavar="N",
+    e.add_argument("--max-text-tokens", type=_at_least_one, default=None, metavar="N",
                    help="text tokens kept per input, the rest cut and counted in a warning; vision and special "
                         "tokens are never cut (default: Embedder.max_text_tokens, 8192)")
     e.add_argument("--allow-outside-media", action="store_true",
@@ -261,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-rows", type=int, default=None)
     v.add_argument("--step", type=int, default=None)
     v.add_argument("--num-btoks", type=int, default=None)
-    v.add_argument("--max-text-tokens", type=int, default=None, metavar="N",
+    v.add_argument("--max-text-tokens", type=_at_least_one, default=None, metavar="N",
                    help="text tokens kept per item (default: Embedder.max_text_tokens, 8192)")
     v.add_argument("--allow-outside-media", action="store_true",
                    help="read media paths that leave the data folder (--data) or the MMEB-V2 root and cache "

@@ -367,18 +367,21 @@ def side_shapes(config: PipelineConfig) -> int:
     return query * (len(config.target_buckets) + 1 if config.target_len else 1)
 
 
-def allgather_max(needs: np.ndarray) -> np.ndarray:
-    """Element-wise max of `needs` over all JAX processes (every process must call it at the same step)."""
+def _allgather(values: np.ndarray) -> np.ndarray:
+    """[processes, values.size]: `values` of every JAX process (every process must call it at the same step)."""
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(needs)).reshape(-1, needs.size).max(axis=0)
+    return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, values.size)
+
+
+def allgather_max(needs: np.ndarray) -> np.ndarray:
+    """Element-wise max of `needs` over all JAX processes (every process must call it at the same step)."""
+    return _allgather(needs).max(axis=0)
 
 
 def allgather_sum(values: np.ndarray) -> np.ndarray:
     """Element-wise sum of `values` over all JAX processes (every process must call it at the same step)."""
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(values)).reshape(-1, values.size).sum(axis=0)
+    return _allgather(values).sum(axis=0)
 
 
 class TrainBatchIterator:
