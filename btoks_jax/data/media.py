@@ -88,20 +88,32 @@ def outside_root(root: Root, value: str, path: str) -> str | None:
     return f"a symbolic link that points to {real}"
 
 
+class OutsidePathError(ValueError):
+    """A media path that leaves its folder and every further media folder (`check_inside`); `reason` is why it
+    leaves the first folder (`outside_root`)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def check_inside(root: Root, value: str, path: str, also: Sequence[Root] = ()) -> None:
-    """Raises ValueError naming `value`, `root` and the reason when `path` leaves `root` (`outside_root`) and
-    each of the further media folders `also`."""
+    """Raises OutsidePathError naming `value`, `root` and the reason when `path` leaves `root` (`outside_root`)
+    and each of the further media folders `also`.
+
+    `value` is `path` as spelled under `root`; the folders `also` are judged with the same `value` (a local path
+    is in or out by where it resolves to, whatever its spelling; a URL by its `..` segments)."""
     reason = outside_root(root, value, path)
     if reason is None or any(outside_root(folder, value, path) is None for folder in also):
         return
     more = f" and the media folders {[os.fspath(folder) for folder in also]}" if also else ""
-    raise ValueError(f"media path {value!r} is outside the data folder {os.fspath(root)}{more} ({reason}); "
-                     f"{OUTSIDE_HINT}")
+    raise OutsidePathError(f"media path {value!r} is outside the data folder {os.fspath(root)}{more} ({reason}); "
+                           f"{OUTSIDE_HINT}", reason)
 
 
 def _list_frames(folder: str, root: Root, check_links: bool, also: Sequence[Root] = ()) -> tuple[str, ...]:
     """The frame images of a local folder, naturally sorted; with `check_links` a frame that is a symbolic link
-    pointing out of `root` raises ValueError."""
+    pointing out of `root` raises OutsidePathError."""
     with os.scandir(folder) as entries:
         found = [(entry.name, entry.is_symlink()) for entry in entries
                  if os.path.splitext(entry.name)[1].lower() in FRAME_SUFFIXES]
@@ -118,7 +130,8 @@ def frame_paths(value, root: Root, check_files: bool = True, files: fs.FileIndex
                 allow_outside_root: bool = False, also_inside: Sequence[Root] = ()) -> tuple[str, ...] | None:
     """A video field -> its frame paths in order: a folder of frame images, or a list of frame paths
     relative to `root` (a local folder or a URL). None when the field is empty. Raises ValueError saying what is
-    wrong. `files`: an index that answers the existence checks of a list (one listing per folder for URLs).
+    wrong (OutsidePathError for a path outside the folders). `files`: an index that answers the existence checks
+    of a list (one listing per folder for URLs).
 
     The folder and every frame must stay inside `root` or one of the folders `also_inside` (`outside_root`: no
     absolute path or `..` leading out, no symbolic link pointing out) unless `allow_outside_root`."""
@@ -221,6 +234,11 @@ class RowError(ValueError):
         return ValueError(f"{source}: field '{self.field}': {self.message}")
 
 
+class OutsideRootError(RowError):
+    """A field whose media path leaves the data folder and the further media folders (`check_inside`), as
+    `image_path` and `video_frames` raise it; a reader may add to its `message` how to name more folders."""
+
+
 def string_field(record: dict, field: str, required: bool = True) -> str:
     """A text field; null (parquet tables hold nulls where JSON holds "") reads as "", and so does an absent
     field that is not required. Raises RowError."""
@@ -262,15 +280,15 @@ def image_path(value: str | None, root: Root, field: str, check_files: bool = Tr
     """An image field's value (as `string_field` reads it) -> the path under `root` (`resolve`); None when null or
     blank. `files`: an index that answers the existence check (one listing per folder for URLs). The path must
     stay inside `root` or one of the folders `also_inside` (`outside_root`) unless `allow_outside_root`. Raises
-    RowError."""
+    RowError (OutsideRootError for a path outside them)."""
     if value is None or not value.strip():
         return None
     path = resolve(root, value)
     if not allow_outside_root:
         try:
             check_inside(root, value, path, also_inside)
-        except ValueError as err:
-            raise RowError(field, str(err)) from None
+        except OutsidePathError as err:
+            raise OutsideRootError(field, str(err)) from None
     if check_files and not _isfile(path, files):
         raise RowError(field, f"image file not found: {path}")
     return path
@@ -280,10 +298,13 @@ def video_frames(value, root: Root, field: str, check_files: bool = True,
                  files: fs.FileIndex | None = None, *, allow_outside_root: bool = False,
                  min_frames: int = MIN_VIDEO_FRAMES, also_inside: Sequence[Root] = ()) -> tuple[str, ...] | None:
     """A video field's value -> `frame_paths` (media inside `root` or a folder of `also_inside`), its errors
-    raised as RowError of the field; a video of fewer than `min_frames` frames is one too."""
+    raised as RowError of the field (OutsideRootError for a path outside the folders); a video of fewer than
+    `min_frames` frames is one too."""
     try:
         frames = frame_paths(value, root, check_files, files, allow_outside_root=allow_outside_root,
                              also_inside=also_inside)
+    except OutsidePathError as err:
+        raise OutsideRootError(field, str(err)) from None
     except ValueError as err:
         raise RowError(field, str(err)) from None
     if frames is not None and len(frames) < min_frames:

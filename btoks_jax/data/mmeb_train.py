@@ -15,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from btoks_jax import fs
-from btoks_jax.data.media import OUTSIDE_HINT, RowError, image_path, is_url, iter_records, string_field, video_frames
+from btoks_jax.data.media import (
+    OutsideRootError,
+    RowError,
+    image_path,
+    is_url,
+    iter_records,
+    string_field,
+    video_frames,
+)
 from btoks_jax.processing import (
     IMAGE_TOKEN,
     PROMPT_STYLES,
@@ -165,7 +173,7 @@ def read_mmeb_train(path: str | os.PathLike, image_root: str | os.PathLike | Non
                                       allow_outside_root=allow_outside_root,
                                       media_roots=tuple(fs.as_path(folder) for folder in media_roots))
             except RowError as err:
-                if err.message.endswith(OUTSIDE_HINT):  # training data sets can name their media folders
+                if isinstance(err, OutsideRootError):  # training data sets can name their media folders
                     err.message += ", or name the folder the media lie in (DatasetSpec.media_roots; " \
                                    "configs/qwen2vl_2b.py:media_root=DIR)"
                 raise err.at(source) from None

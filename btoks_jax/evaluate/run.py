@@ -154,18 +154,21 @@ def check_task_media(task, name: str, roots: Sequence[str | os.PathLike]) -> Non
     """Raises ValueError when an item of a published set's `task` names an image or frame outside every one of
     `roots` (the download root and the folder extracted pages go to): the paths come from the downloaded
     annotations, which are data (`btoks_jax.data.media.outside_root`: an absolute path, a `..` leading out, a
-    symbolic link pointing out; URLs checked for `..` segments only). Each distinct path is checked once."""
-    from btoks_jax.data.media import OUTSIDE_HINT, outside_root
+    symbolic link pointing out; URLs checked for `..` segments only; `check_inside`, the reason given being the
+    first root's). Each distinct path is checked once."""
+    from btoks_jax.data.media import OUTSIDE_HINT, OutsidePathError, check_inside
 
+    first, *others = roots
     seen: set[str] = set()
 
     def check(path: str | None, where: str) -> None:
         if path is None or path in seen:
             return
-        reasons = [outside_root(root, _relative(path, root), path) for root in roots]
-        if all(reasons):
+        try:
+            check_inside(first, _relative(path, first), path, also=others)
+        except OutsidePathError as err:
             raise ValueError(f"{where}: media path {path} is outside the MMEB-V2 folders "
-                             f"{', '.join(map(str, roots))} ({reasons[0]}); {OUTSIDE_HINT}")
+                             f"{', '.join(map(str, roots))} ({err.reason}); {OUTSIDE_HINT}") from None
         seen.add(path)
 
     for number, row in enumerate(task.rows, start=1):
