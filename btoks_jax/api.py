@@ -80,6 +80,16 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
+def query_width(tokens: int, num_btoks: int) -> int:
+    """Columns of the query region for inputs of at most `tokens` tokens: the power-of-two bucket less the K
+    BToks when the input leaves room for them, so `[Q ; B]` fills the bucket; only an input within K tokens of
+    its bucket's end gets the BToks after the bucket. The shape stays a power of two for nearly every batch (on
+    CPU, XLA's code for 4096 + 4 columns ran 8 to 13% slower than for 4096; benchmarks/embed_overhead.py) and the
+    programs compiled stay at most two per bucket."""
+    bucket = _bucket(tokens)
+    return bucket - num_btoks if tokens + num_btoks <= bucket else bucket
+
+
 @dataclasses.dataclass
 class Embedder:
     model: BToksModel
@@ -157,7 +167,8 @@ class Embedder:
             hf = _repeat_last(hf, rows - n)
             if targets is not None:
                 targets = list(targets) + [targets[-1]] * (rows - n)
-        packed = pack(hf, self.config, num_btoks=self.num_btoks, query_len=_bucket(int(real.max())),
+        packed = pack(hf, self.config, num_btoks=self.num_btoks,
+                      query_len=query_width(int(real.max()), self.num_btoks),
                       rope_convention=self.rope_convention, patch_budget=_bucket(patches, 16) if patches else 0,
                       targets=targets, target_len=target_len)
         return packed, n

@@ -110,8 +110,12 @@ def test_embed_overhead_tiny(tmp_path):
     r = _run_tiny("embed_overhead", tmp_path)
     assert [x["length"] for x in r["lengths"]] == [16, 64]
     for x in r["lengths"]:
-        assert {"overhead", "overhead_median_of_pairs", "times", "rows", "extra_columns"} <= x.keys()
-        assert set(x["times"]) == {"last", "btoks", "btoks_in_bucket"} and "overhead_in_bucket" in x
+        assert {"overhead_room", "overhead_full", "overhead_room_median_of_pairs", "times", "rows"} <= x.keys()
+        assert set(x["times"]) == {"last_room", "btoks_room", "last_full", "btoks_full"}
+        # The Embedder's widths: the BToks fill the bucket when the input leaves room, else follow it.
+        assert x["columns"] == {"last_room": x["length"], "btoks_room": x["length"], "last_full": x["length"],
+                                "btoks_full": x["length"] + r["num_btoks"]}
+    assert r["target_met"] is None  # no 1024-token length at the toy size
 
 
 def test_condensation_mask_tiny(tmp_path):

@@ -357,3 +357,27 @@ def test_btok_ids_come_from_the_directory(tmp_path):
     default.btoks.value = model.btoks.value
     wrong = np.asarray(default.target_logits(hidden[:, packed.layout.target_slice]))
     assert np.abs(wrong - ref).max() > 1e-3  # the hard-coded rows would have been wrong
+
+
+def test_embedder_puts_the_btoks_inside_the_bucket(models):
+    """The Embedder's query region is the power-of-two bucket less K when the input leaves room, so `[Q ; B]`
+    fills the bucket (only an input within K tokens of the bucket's end gets the BToks after it); the embedding
+    does not depend on that width."""
+    from btoks_jax.api import Embedder, item_prompt, query_width
+    from btoks_jax.evaluate.mmeb import Item
+
+    assert [query_width(n, K) for n in (1, 12, 13, 16, 17, 100, 124, 125)] == [12, 12, 16, 16, 28, 124, 124, 128]
+    assert query_width(20, 0) == 32  # last-token pooling: the bucket itself
+    _, model = models
+    embedder = Embedder.for_model(model, prompt_style="btoks")
+    items = [Item(text="a short query"), Item(text="a somewhat longer query about a cat sitting on a mat")]
+    packed, _ = embedder._pack_items(items)
+    width = packed.layout.query_len + packed.layout.num_btoks
+    assert width & (width - 1) == 0, packed.layout
+    got = embedder.embed_batch(items)
+    # The same rows with the BToks after the bucket, as before: the same embeddings.
+    texts = [item_prompt(it, "btoks") for it in items]
+    hf = embedder.processor(texts, padding_side="left")
+    wide = pack(hf, CFG, num_btoks=K, query_len=width)
+    want = np.asarray(model.pool(model.forward(wide.inputs, wide.layout), wide.layout))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
