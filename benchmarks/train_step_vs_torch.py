@@ -53,9 +53,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="lora: adapters r16/alpha32 on q/k/v/o/down + the BToks (the recipe, without DoRA and "
                         "dropout); full: every parameter")
     p.add_argument("--ntp-reduction", choices=("chunk_token_mean", "sample_mean"), default="chunk_token_mean")
-    p.add_argument("--ntp-logits-chunk", type=int, default=8,
+    p.add_argument("--ntp-logits-chunk", default="8",
                    help="also time btoks-jax with StepConfig.ntp_logits_chunk = N (the fused, chunked vocabulary "
-                        "projection + NTP loss) as a third side; 0: only the default step")
+                        "projection + NTP loss, which projects only the chunks holding scored positions), one side "
+                        "per N of a comma-separated list; 0: only the default step")
     p.add_argument("--breakdown", action="store_true",
                    help="also time btoks-jax's contrastive-only step (no target pass, no vocabulary projection), "
                         "to show what the generative part costs")
@@ -73,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tiny:
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate = 32, 1, 4, 2, 64
         args.batch, args.query_len, args.target_len, args.positive_len, args.repeats = 8, 12, 8, 8, 1
-        args.ntp_logits_chunk = 0  # one btoks-jax program: the fused loss has its own tests
+        args.ntp_logits_chunk = "0"  # one btoks-jax program: the fused loss has its own tests
     return args
 
 
@@ -163,11 +164,11 @@ def build_both(args, cfg, q, p):
     batch = jax.device_put(batch, sharding.batch_shardings(batch, mesh))
     # One jitted step per btoks-jax side, each with its own copy of the train state (the step donates it).
     jax_sides = {}
-    variants = [("btoks_jax", 0, "joint"), ("btoks_jax_fused_ntp", args.ntp_logits_chunk, "joint"),
-                ("btoks_jax_contrastive_only", 0, "contrastive")]
+    fused = [int(c) for c in str(args.ntp_logits_chunk).split(",") if int(c)]
+    variants = [("btoks_jax", 0, "joint")]
+    variants += [(f"btoks_jax_fused_ntp_{c}" if len(fused) > 1 else "btoks_jax_fused_ntp", c, "joint") for c in fused]
+    variants += [("btoks_jax_contrastive_only", 0, "contrastive")] if args.breakdown else []
     for name, chunk, objective in variants:
-        if (name == "btoks_jax_fused_ntp" and not chunk) or (objective == "contrastive" and not args.breakdown):
-            continue
         cfg_i = dataclasses.replace(step_cfg, ntp_logits_chunk=chunk, objective=objective)
         state = train_step.init_state(jax.tree.map(jnp.copy, params), tx, args.seed)
         step = train_step.compile_step(graphdef=graphdef, layouts=(q.layout, p.layout), cfg=cfg_i, tx=tx,

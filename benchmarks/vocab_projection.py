@@ -2,8 +2,9 @@
 
 Today's path (`StepConfig.ntp_logits_chunk = 0`) projects the whole target region at once, [B, Lt, V] float32 logits,
 then takes the token losses (`losses.token_nll`). The fused path (`ntp_logits_chunk = c`,
-`losses.fused_token_nll_sum`) takes c target positions at a time and computes each chunk's loss and gradients in
-one pass, skipping chunks that hold only padding; it never holds more than [B, c, V]. Both run the model's own head
+`losses.fused_token_nll_sum`) gathers the scored positions first, takes c target positions per row at a time and
+computes each chunk's loss and gradients in one pass, skipping the chunks left with only padding; it never holds
+more than [B, c, V]. Both run the model's own head
 (`BToksModel.target_logits`: the tied table with the BTok rows), forward + backward, with the gradients a LoRA run
 needs (hidden states and BToks; the table frozen) or a full fine-tune needs (the table too). For LoRA it adds a head
 without the BTok rows (a constant table, gradients for the hidden states only): the bound of the model's head, which
@@ -139,12 +140,16 @@ def main(args: argparse.Namespace) -> int:
             times = timing.interleaved(fns, repeats=args.repeats, warmup=1)
             for name, (_, chunk) in paths.items():
                 r = timing.ratio(times, name, "full_logits")
-                skipped = 0 if not chunk else int(sum(not mask[:, i:i + chunk].any() for i in range(0, lt, chunk)))
+                # The fused loss gathers the scored positions of the batch (one group on one device) at the front
+                # and takes chunk x B positions at a time: the chunks after the last scored position are skipped.
+                per = chunk * b
+                chunks = -(-(b * lt) // per) if chunk else 0
+                skipped = chunks - -(-int(mask.sum()) // per) if chunk else 0
                 results.append({"width": width, "trainable": trainable, "path": name, "chunk": chunk,
                                 "temp_bytes": temp[name], "temp_ratio": temp[name] / temp["full_logits"],
                                 "times": timing.summary(times)[name], "time_ratio": r,
                                 "compile_s": compile_s[name], "relative_difference": diffs[name],
-                                "chunks_skipped": skipped, "chunks": -(-lt // chunk) if chunk else 0})
+                                "chunks_skipped": skipped, "chunks": chunks})
                 print(f"{width:>6}{trainable:>7}{name:>30}{temp[name] / 2**20:>10.0f}"
                       f"{statistics.median(times[name]):>9.3f}{r['of_medians']:>12.3f}"
                       f"{temp[name] / temp['full_logits']:>12.3f}{compile_s[name]:>11.2f}")

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from btoks_jax import sharding
+
 
 def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """float32[B, Lt] negative log-likelihood of `labels` under `logits` float[B, Lt, V]."""
@@ -22,23 +24,40 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def fused_token_nll_sum(project: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array,
-                        weights: jax.Array, *, chunk: int) -> jax.Array:
-    """sum(weights * token_nll(project(hidden), labels)) without ever holding the whole [B, Lt, V] logits.
+                        weights: jax.Array, *, chunk: int, groups: int | None = None) -> jax.Array:
+    """sum(weights * token_nll(project(hidden), labels)) without ever holding the whole [B, Lt, V] logits, and
+    projecting only about as many positions as are scored.
 
-    `project` is a linear head, float[B, c, D] -> logits float[B, c, V] (e.g. `BToksModel.target_logits`);
-    hidden float[B, Lt, D], labels int[B, Lt], weights float32[B, Lt]. The target positions are taken `chunk` at a
-    time (every row of the batch in each chunk, so a batch sharding is kept): the chunk's logits, its token losses
-    and, since the result is a weighted sum whose cotangent is one scalar, its gradients with respect to `hidden`
-    and to every array the head reads, all in one pass (three matmuls a chunk, as the full logits' forward and
-    backward take, no recomputation). Chunks whose weights are all zero (a target region's padding) are skipped, so
-    `weights` are constants here: no gradient flows to them. Each token's loss and gradient are the operations
-    `token_nll` and its derivative apply to the full logits, so the result equals the full-logits loss up to the
-    order of the float sums. Peak memory holds one chunk's logits, [B, chunk, V], instead of all of them; gradients
-    nobody asks for (a frozen table's) are dropped by the compiler.
+    `project` is a linear head, float[..., c, D] -> logits float[..., c, V] (e.g. `BToksModel.target_logits`);
+    hidden float[B, Lt, D], labels int[B, Lt], weights float32[B, Lt]. The rows are split into `groups` groups of
+    consecutive rows (default: the current mesh's batch shards, `sharding.current_shards("batch")`, so a group is
+    one shard's rows and nothing moves between devices), and within each group the scored positions (weight != 0)
+    are moved to the front, in order. The positions are then taken `chunk` per row of a group at a time: the
+    chunk's logits, its token losses and, since the result is a weighted sum whose cotangent is one scalar, its
+    gradients with respect to `hidden` and to every array the head reads, all in one pass (three matmuls a chunk, as
+    the full logits' forward and backward take, no recomputation). Chunks whose weights are all zero (the padding of
+    a target region, gathered at the back) are skipped, so the head projects ceil(scored / chunk) chunks of the
+    group holding the most scored positions, not the whole region; `weights` are constants here: no gradient flows
+    to them. Each token's loss and gradient are the operations `token_nll` and its derivative apply to the full
+    logits, so the result equals the full-logits loss up to the order of the float sums. Peak memory holds one
+    chunk's logits, [B, chunk, V], instead of all of them; gradients nobody asks for (a frozen table's) are dropped
+    by the compiler.
     """
-    lt = hidden.shape[1]
-    n = -(-lt // chunk)
-    pad = n * chunk - lt
+    b, lt = hidden.shape[:2]
+    groups = groups or sharding.current_shards("batch")
+    if b % groups:
+        raise ValueError(f"{b} rows do not split into {groups} groups")
+    rows = b // groups
+    by_group = lambda x: sharding.constrain(x.reshape(groups, rows * lt, *x.shape[2:]),  # noqa: E731
+                                            ("batch",) + (None,) * (x.ndim - 1))
+    hidden, labels, weights = by_group(hidden), by_group(labels), by_group(weights)
+    # Scored first, each group's positions otherwise in order (a stable sort of a boolean key).
+    order = jnp.argsort(weights == 0, axis=1, stable=True)
+    take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+    hidden, labels, weights = take(hidden), take(labels), take(weights)
+    chunk = chunk * rows
+    n = -(-(rows * lt) // chunk)
+    pad = n * chunk - rows * lt
     if pad:  # whole chunks: the padding weighs 0
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         labels = jnp.pad(labels, ((0, 0), (0, pad)))

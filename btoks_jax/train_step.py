@@ -46,8 +46,10 @@ class StepConfig:
     mask_mode: str = "condensation"
     symmetric: bool = False
     trainable: str = "lora"  # "lora" (adapters + BToks) or "full"
-    # Target positions per chunk of the fused vocabulary projection + NTP loss (`losses.fused_token_nll_sum`): the
-    # [B, Lt, V] logits are never held at once. 0: the whole target region's logits at once. Same loss either way.
+    # Target positions per row in a chunk of the fused vocabulary projection + NTP loss (`losses.fused_token_nll_sum`):
+    # the [B, Lt, V] logits are never held at once, and each batch shard's scored positions are gathered first, so
+    # only the chunks holding scored positions are projected. 0: the whole target region's logits at once (every
+    # position projected). Same loss either way; which is faster depends on the hardware (benchmarks/README.md).
     ntp_logits_chunk: int = 0
     # GradCache (chunk_size > 0) with a frozen vision tower (trainable "lora"): the embedding pass keeps each chunk's
     # merged vision features and the gradient pass reads them instead of running the tower again, which gets no

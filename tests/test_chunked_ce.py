@@ -54,6 +54,43 @@ def test_plain_head_loss_and_gradients(chunk):
     assert np.all(np.asarray(got_g[0])[2] == 0)
 
 
+@pytest.mark.parametrize("groups,chunk,projected", [(1, 1, 2), (2, 1, 2), (2, 2, 1), (4, 1, 3)])
+def test_only_chunks_holding_scored_positions_are_projected(groups, chunk, projected):
+    """The scored positions of each group of rows are gathered at the front, so the head runs on
+    ceil(most scored positions in a group / (chunk x rows per group)) chunks; the loss and gradients are the full
+    logits'. Rows score 3, 1, 0 and 2 of 8 positions, some not at the start of their row."""
+    rng = np.random.default_rng(4)
+    b, lt, d, v = 4, 8, 6, 40
+    hidden = jnp.asarray(rng.standard_normal((b, lt, d)), jnp.float32)
+    table = jnp.asarray(rng.standard_normal((v, d)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, (b, lt)), jnp.int32)
+    mask = np.zeros((b, lt), bool)
+    mask[0, [1, 2, 6]] = True
+    mask[1, 7] = True
+    mask[3, [0, 4]] = True
+    weights = jnp.asarray(mask / mask.sum(), jnp.float32)
+    calls = []
+
+    def head(x, t):
+        jax.debug.callback(lambda: calls.append(1))  # runs only when a chunk is projected
+        return jnp.einsum("btd,vd->btv", x, t)
+
+    def fused(h, t):
+        return losses.fused_token_nll_sum(lambda x: head(x, t), h, labels, weights, chunk=chunk, groups=groups)
+
+    ref, ref_g = jax.value_and_grad(lambda h, t: jnp.sum(weights * losses.token_nll(
+        jnp.einsum("btd,vd->btv", h, t), labels)), argnums=(0, 1))(hidden, table)
+    got, got_g = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(hidden, table)
+    jax.effects_barrier()
+    assert len(calls) == projected, calls
+    _close(got, ref)
+    for g, r in zip(got_g, ref_g):
+        _close(g, r)
+    assert np.all(np.asarray(got_g[0])[~mask] == 0)  # unscored positions get exactly zero gradient
+    with pytest.raises(ValueError, match="4 rows do not split into 3 groups"):
+        losses.fused_token_nll_sum(lambda x: head(x, table), hidden, labels, weights, chunk=1, groups=3)
+
+
 def test_bf16_head_matches_full_logits():
     """A bfloat16 head (the recipe's compute dtype): the same casts as the full path, so the same values."""
     hidden, table, labels, weights = _case(seed=1)

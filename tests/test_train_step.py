@@ -65,8 +65,8 @@ def test_gradcache_reuses_the_frozen_vision_features():
     assert flops[True] < flops[False], flops
 
 
-def _one_step(mesh, objective, mode, chunk):
-    cfg = train_step.StepConfig(objective=objective, trainable=mode, chunk_size=chunk)
+def _one_step(mesh, objective, mode, chunk, logits_chunk=0):
+    cfg = train_step.StepConfig(objective=objective, trainable=mode, chunk_size=chunk, ntp_logits_chunk=logits_chunk)
     model = build.build(U.CFG, num_btoks=U.K, lora=LORA if mode == "lora" else None, seed=3, mesh=mesh)
     graphdef, params, frozen = train_step.split_model(model, mode)
     tx, schedule = train_step.make_optimizer(learning_rate=1e-3, warmup_steps=1, total_steps=10)
@@ -75,18 +75,21 @@ def _one_step(mesh, objective, mode, chunk):
     batch = jax.device_put(batch, sharding.batch_shardings(batch, mesh))
     step = train_step.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx, schedule=schedule, state=state,
                            frozen=frozen, batch=batch, mesh=mesh)
-    new_state, metrics = step(state, frozen, batch)
+    with jax.set_mesh(mesh), sharding.activation_sharding(mesh):  # as `btoks train` calls it
+        new_state, metrics = step(state, frozen, batch)
     return new_state, metrics
 
 
-@pytest.mark.parametrize("objective,mode,chunk", [("contrastive", "lora", 0), ("gic", "lora", 0),
-                                                  ("joint", "lora", 4), ("joint", "full", 0)])
-def test_mesh_step_equals_single_device_step(objective, mode, chunk):
+@pytest.mark.parametrize("objective,mode,chunk,logits_chunk", [
+    ("contrastive", "lora", 0, 0), ("gic", "lora", 0, 0), ("joint", "lora", 4, 0), ("joint", "full", 0, 0),
+    ("joint", "lora", 0, 2),  # the fused loss gathers each batch shard's scored positions (4 groups here)
+])
+def test_mesh_step_equals_single_device_step(objective, mode, chunk, logits_chunk):
     assert jax.device_count() == 8, "the sharding tests need 8 (forced CPU) devices"
     single = sharding.make_mesh(devices=jax.devices()[:1])
     mesh = sharding.make_mesh(2, 2, 2)
-    s1, m1 = _one_step(single, objective, mode, chunk)
-    s8, m8 = _one_step(mesh, objective, mode, chunk)
+    s1, m1 = _one_step(single, objective, mode, chunk, logits_chunk)
+    s8, m8 = _one_step(mesh, objective, mode, chunk, logits_chunk)
     assert abs(float(m1["loss"]) - float(m8["loss"])) <= 1e-5 * max(1.0, abs(float(m1["loss"])))
     flat1 = dict(jax.tree_util.tree_flatten_with_path(s1.params)[0])
     flat8 = dict(jax.tree_util.tree_flatten_with_path(s8.params)[0])
