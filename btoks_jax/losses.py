@@ -48,8 +48,13 @@ def fused_token_nll_sum(project: Callable[[jax.Array], jax.Array], hidden: jax.A
     if b % groups:
         raise ValueError(f"{b} rows do not split into {groups} groups")
     rows = b // groups
-    by_group = lambda x: sharding.constrain(x.reshape(groups, rows * lt, *x.shape[2:]),  # noqa: E731
-                                            ("batch",) + (None,) * (x.ndim - 1))
+    # Groups that the batch shards split evenly stay on their shards; other groups are left to the compiler.
+    pinned = groups % sharding.current_shards("batch") == 0
+
+    def by_group(x):
+        x = x.reshape(groups, rows * lt, *x.shape[2:])
+        return sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1)) if pinned else x
+
     hidden, labels, weights = by_group(hidden), by_group(labels), by_group(weights)
     # Scored first, each group's positions otherwise in order (a stable sort of a boolean key).
     order = jnp.argsort(weights == 0, axis=1, stable=True)

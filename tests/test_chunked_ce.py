@@ -158,3 +158,34 @@ def test_train_step_flag_gives_the_same_loss_and_gradients(chunk_size):
         _close(m3[k], m0[k])
     for a, b in zip(jax.tree.leaves(g3), jax.tree.leaves(g0)):
         _close(a, b, 1e-4 if chunk_size else RTOL)
+
+
+def test_the_gather_stays_on_each_batch_shard():
+    """Under a mesh the groups are the batch shards: the compiled loss and gradient exchange only the two scalars
+    (the loss sum and whether a chunk holds a scored position), never the hidden states; one group for the whole
+    batch would move them (the check can fail)."""
+    import re
+
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from btoks_jax import sharding
+
+    assert jax.device_count() == 8, "tests/conftest.py must force 8 CPU devices"
+    mesh = sharding.make_mesh(2, 2, 2)
+    rng = np.random.default_rng(5)
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    hidden = jax.device_put(jnp.asarray(rng.standard_normal((8, 16, 32)), jnp.float32), rows)
+    table = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+    labels = jax.device_put(jnp.asarray(rng.integers(0, 64, (8, 16)), jnp.int32), rows)
+    weights = jax.device_put(jnp.asarray((rng.random((8, 16)) < 0.5) / 64, jnp.float32), rows)
+
+    def collectives(groups):
+        f = jax.jit(jax.value_and_grad(lambda h: losses.fused_token_nll_sum(
+            lambda x: jnp.einsum("btd,vd->btv", x, table), h, labels, weights, chunk=2, groups=groups)))
+        with jax.set_mesh(mesh), sharding.activation_sharding(mesh):
+            text = f.lower(hidden).compile().as_text()
+        return re.findall(r"= (\w+\[[\d,]*\])\S* (all-reduce|all-gather|all-to-all|collective-permute)\(", text)
+
+    assert {shape for shape, _ in collectives(None)} == {"f32[]", "pred[]"}
+    assert {shape for shape, _ in collectives(1)} - {"f32[]", "pred[]"}  # the hidden states move
