@@ -106,6 +106,7 @@ class Embedder:
 
     def __post_init__(self):
         self._embed_fns = {}
+        self._compiled = {}  # multi-process runs: (function, argument shapes) -> program, compiled ahead of time
         self._forward = jax.jit(lambda m, x: m.backbone(x))
 
     @classmethod
@@ -178,7 +179,19 @@ class Embedder:
             return np.asarray(fn(self.model, inputs))
         inputs = jax.device_put(inputs, sharding.batch_shardings(inputs, self.mesh))
         with jax.set_mesh(self.mesh):  # the splash kernel runs per shard (shard_map), as in training
+            if jax.process_count() > 1:
+                fn = self._compiled_everywhere(fn, inputs)
             return np.asarray(fn(self.model, inputs))
+
+    def _compiled_everywhere(self, fn, inputs):
+        """`fn` compiled for the model and these inputs, returned once every process has compiled it
+        (`sharding.sync_processes`): a process that compiles faster does not wait alone in the collectives."""
+        args = (self.model, inputs)
+        key = (fn, jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
+        if key not in self._compiled:
+            self._compiled[key] = fn.lower(*args).compile()
+            sharding.sync_processes("embedding program compiled")
+        return self._compiled[key]
 
     def embed_batch(self, items: Sequence[Item], pooling: str = "btoks") -> np.ndarray:
         """float32[len(items), D], L2-normalised. Texts over `max_text_tokens` are cut (`apply_text_budget`, one

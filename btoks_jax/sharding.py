@@ -8,6 +8,7 @@ dimension that the mesh axes it maps to do not divide, are errors: nothing is re
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import math
@@ -154,6 +155,30 @@ def batch_shardings(tree, mesh: Mesh, rules: Mapping[str, Any] = DEFAULT_RULES):
 def replicated(mesh: Mesh) -> NamedSharding:
     """The whole array on every device of `mesh` (step counters, RNG keys, outputs every process reads)."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+# ----------------------------------------------------------------------------- processes
+
+# Seconds a process waits at `sync_processes` for the others: the longest a compile or a data build may take on
+# one process beyond the rest.
+SYNC_TIMEOUT_S = 3600
+_SYNCS: collections.Counter[str] = collections.Counter()
+
+
+def sync_processes(name: str, timeout_s: int = SYNC_TIMEOUT_S) -> None:
+    """Returns when every JAX process has reached this point (called with `name` as often as this one has);
+    raises after `timeout_s`. A no-op in a one-process run.
+
+    It waits at the coordination service's barrier, not in a device collective: CPU collectives (gloo) give up
+    after 30 s, and one process may compile a program, or build data, minutes after another. Call it after a
+    program is compiled and before its first run, so that no process enters the program's collectives alone.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    _SYNCS[name] += 1
+    multihost.get_barrier_sync_fn()(key=f"btoks:{name}:{_SYNCS[name]}", timeout_ms=timeout_s * 1000)
 
 
 # ----------------------------------------------------------------------------- activation constraints

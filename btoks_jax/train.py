@@ -277,10 +277,7 @@ def prepare_data(config) -> None:
         return
     if jax.process_index() == 0 and _emoji_format(config.data.prepare_dir) != FORMAT_VERSION:
         build_emoji_dataset(config.data.prepare_dir)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("emoji data set built")
+    sharding.sync_processes("emoji data set built")  # however long the build takes on process 0
 
 
 def _emoji_format(directory: str) -> int | None:
@@ -419,6 +416,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             compiled[key] = train_step.compile_step(graphdef=graphdef, layouts=layouts, cfg=cfg, tx=tx,
                                                     schedule=schedule, state=state, frozen=frozen, batch=batch,
                                                     mesh=mesh, rules=rules)
+            sharding.sync_processes("step program compiled")  # no process enters its collectives alone
         return compiled[key]
 
     # ---------------------------------------------------------------- evaluation hooks
@@ -444,6 +442,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t0, tokens = time.perf_counter(), 0
     step = start
     failed = True
+    sharding.sync_processes("training starts")  # the batches' first agreement on shapes is a collective
     try:
         while step < total:
             tb = next(data)
@@ -478,6 +477,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 guard.settle(keep_last=False)  # too many non-finite steps in a row stop the run before a save
             bar.update(1)
             for hook in hooks_due:
+                sharding.sync_processes("evaluation starts")
                 scores = hook(nnx.merge(graphdef, state.params, frozen), step)
                 if is_main:
                     for k, v in scores.items():
@@ -497,11 +497,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if not failed:
                 raise
             log.exception("while stopping after an error, the last checkpoint save failed too")
-        preempt.restore()
-        bar.close()
-        data.close()
-        if writer is not None:
-            writer.close()
+        finally:
+            mgr.close()  # its background threads end here, not at the interpreter's exit
+            preempt.restore()
+            bar.close()
+            data.close()
+            if writer is not None:
+                writer.close()
+    # Every process leaves together, with its saves finished, so that none is still working when the others shut
+    # the distributed runtime down.
+    sharding.sync_processes("training finished")
     return last
 
 

@@ -51,7 +51,9 @@ def _cmd(workdir, data_dir, *overrides) -> list[str]:
 def _env(local_devices: int, **extra) -> dict[str, str]:
     env = dict(os.environ)
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={local_devices}",
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               # A process that hangs or aborts (the coordinator ends both when one is stuck) prints where.
+               PYTHONFAULTHANDLER="1", **extra)
     return env
 
 
@@ -78,14 +80,26 @@ def _run_all(runs: dict[str, tuple[list[str], dict[str, str]]], logs) -> None:
             time.sleep(0.5)
         if failed or any(p.poll() is None for p in procs.values()):
             why = f"{failed} exited with {procs[failed].returncode}" if failed else f"deadline of {DEADLINE_S}s passed"
+            _dump_stacks(procs)
             _kill(procs)
-            report = "\n".join(f"----- {name} (exit {p.returncode}):\n{_tail(logs / f'{name}.log')}"
+            report = "\n".join(f"----- {name} (exit {p.returncode}):\n{_tail(logs / f'{name}.log', 8000)}"
                                for name, p in procs.items())
             pytest.fail(f"{why}\n{report}")
     finally:
         _kill(procs)
         for f in files.values():
             f.close()
+
+
+def _dump_stacks(procs, wait_s: float = 10.0) -> None:
+    """SIGABRT to the processes still running: faulthandler (PYTHONFAULTHANDLER) prints every thread's stack
+    into their logs before they die, so a report shows where a process was stuck."""
+    running = [p for p in procs.values() if p.poll() is None]
+    for p in running:
+        p.send_signal(signal.SIGABRT)
+    deadline = time.monotonic() + wait_s
+    while any(p.poll() is None for p in running) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _kill(procs) -> None:
