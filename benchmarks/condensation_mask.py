@@ -128,6 +128,46 @@ def two_pass(model, inputs, layout):
     return text.norm(xt), btok_hidden
 
 
+def attention_flops(layout, batch: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Compiled FLOPs of the attention alone (scores, softmax, weighted sum; forward and forward + backward) of
+    one layer: the single pass's blocks (`attention.block_masks`) against the two passes' [Q ; B] causal square
+    and T against [K cached BTok columns ; T]. The rest of a layer (projections, rotary embedding, MLP) is the
+    same tokens in both forms."""
+    import jax
+    import jax.numpy as jnp
+
+    from btoks_jax.mask import static_mask
+    from btoks_jax.model import attention
+
+    qb, k, lt, cols = layout.query_len + layout.num_btoks, layout.num_btoks, layout.target_len, layout.length
+    mask = static_mask(layout, "condensation")
+    static2 = np.concatenate([np.ones((lt, k), bool), np.tri(lt, dtype=bool)], axis=1)  # [Lt, K + Lt]
+    scale = head_dim ** -0.5
+
+    def single(q, kk, v, seg):
+        return attention.blocked_dense_attention(q, kk, v, attention.block_masks(seg, mask), scale)
+
+    def two_pass(q, kk, v, seg):
+        m1 = attention.dense_mask(seg[:, :qb], seg[:, :qb], np.tri(qb, dtype=bool))
+        seg_t = seg[:, qb:]
+        m2 = attention.dense_mask(seg_t, jnp.concatenate([jnp.ones_like(seg_t[:, :k]), seg_t], 1), static2)
+        return jnp.concatenate([attention.dense_attention(q[:, :qb], kk[:, :qb], v[:, :qb], m1, scale),
+                                attention.dense_attention(q[:, qb:], kk[:, qb - k:], v[:, qb - k:], m2, scale)], 1)
+
+    shapes = (jax.ShapeDtypeStruct((batch, cols, heads, head_dim), jnp.float32),
+              *[jax.ShapeDtypeStruct((batch, cols, kv_heads, head_dim), jnp.float32)] * 2,
+              jax.ShapeDtypeStruct((batch, cols), jnp.int32))
+    out = {}
+    for what in ("forward", "forward_backward"):
+        flops = {}
+        for name, f in (("single", single), ("two_pass", two_pass)):
+            if what == "forward_backward":
+                f = jax.grad(lambda q, kk, v, seg, f=f: jnp.sum(f(q, kk, v, seg)), argnums=(0, 1, 2))
+            flops[name] = _flops(jax.jit(f).lower(*shapes).compile())
+        out[what] = {"flops": flops, "flops_ratio": flops["single"] / flops["two_pass"]}
+    return out
+
+
 # ============================================================================== splash tiles
 
 
@@ -276,6 +316,12 @@ def main(args: argparse.Namespace) -> int:
                        "time_ratio": r, "compile_s": {f: compile_s[(what, f)] for f in ("single", "two_pass")}}
         print(f"{what:<18}{f1 / 1e9:>14.3f}{f2 / 1e9:>16.3f}{f1 / f2:>8.3f}{statistics.median(t['single']):>10.4f}"
               f"{statistics.median(t['two_pass']):>12.4f}{r['of_medians']:>8.3f}")
+    head_dim = args.hidden // args.heads
+    dense["attention_alone"] = attention_flops(layout, args.batch, args.heads, args.kv_heads, head_dim)
+    for what, r in dense["attention_alone"].items():
+        f1, f2 = r["flops"]["single"], r["flops"]["two_pass"]
+        print(f"{'attention ' + ('fwd' if what == 'forward' else 'fwd+bwd'):<18}{f1 / 1e9:>14.3f}{f2 / 1e9:>16.3f}"
+              f"{r['flops_ratio']:>8.3f}   (one layer's attention alone)")
     met = dense["forward_backward"]["flops_ratio"] <= 1.0 and dense["forward"]["flops_ratio"] <= 1.0
     print(f"single pass no more compiled FLOPs than two-pass: {'met' if met else 'NOT met'} (dense path); times are "
           f"medians of {args.repeats} interleaved repeats")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import jax
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "aot_compile_2b.py"
 
@@ -124,6 +125,8 @@ def test_condensation_mask_tiny(tmp_path):
     for what in ("forward", "forward_backward"):
         d = r["dense"][what]
         assert d["flops"]["single"] > 0 and d["flops"]["two_pass"] > 0 and "of_medians" in d["time_ratio"]
+        # The blocks of the single pass are the two passes' score tiles: the same attention work.
+        assert r["dense"]["attention_alone"][what]["flops_ratio"] == pytest.approx(1.0, abs=1e-9)
     (tiles,) = r["splash_tiles"]
     assert {"computed", "tiles", "skipped_by_the_cut"} <= tiles["single"].keys() and tiles["single_over_two_pass"] > 0
 

@@ -301,6 +301,43 @@ def test_mask_layout_and_block_skipping():
     assert block_skip_fraction(Layout(1024, 4, 508), "condensation") == pytest.approx(3 / 9)
 
 
+@pytest.mark.parametrize("layout, mode, blocks", [
+    (Layout(6, 2, 4), "condensation", ((0, 8, 0, 8), (8, 12, 6, 12))),  # [Q ; B] square, T against B and T
+    (Layout(6, 0, 4), "condensation", ((0, 6, 0, 6), (6, 10, 5, 10))),  # no BToks: T sees the last Q column
+    (Layout(6, 2, 4), "isolated", ((0, 6, 0, 6), (6, 12, 6, 12))),
+    (Layout(6, 2, 4), "full", ((0, 12, 0, 12),)),
+    (Layout(6, 2, 0), "condensation", ((0, 8, 0, 8),)),
+])
+def test_blocked_dense_attention_is_dense_attention(layout, mode, blocks):
+    """Attention block by block equals one dense square under the same mask, values and gradients, with left
+    padding in Q, right padding in T and a row whose target is all padding."""
+    from btoks_jax.model import attention
+
+    m = static_mask(layout, mode)
+    assert attention.row_blocks(m) == blocks
+    b, n, kv, h, t = 3, 4, 2, 8, layout.length
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32) for heads in (n, kv, kv))
+    seg = np.ones((b, t), np.int32)
+    seg[0, :2] = 0  # left padding of the query
+    seg[1, t - 1:] = 0  # right padding of the target
+    if layout.target_len:
+        seg[2, layout.target_slice] = 0  # nothing to generate
+    seg = jnp.asarray(seg)
+
+    def dense(q, k, v):
+        return attention.dense_attention(q, k, v, attention.dense_mask(seg, seg, m), 0.3)
+
+    def blocked(q, k, v):
+        return attention.blocked_dense_attention(q, k, v, attention.block_masks(seg, m), 0.3)
+
+    np.testing.assert_allclose(blocked(q, k, v), dense(q, k, v), rtol=1e-6, atol=1e-6)
+    weights = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    grads = [jax.grad(lambda *a, f=f: jnp.sum(f(*a) * weights), argnums=(0, 1, 2))(q, k, v) for f in (dense, blocked)]
+    for got, want in zip(grads[1], grads[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_generative_loss_function_matches_two_pass(models):
     """The documented outside-the-loop GIC function on HF-processor-form inputs and a target text."""
     from btoks_jax.btoks import generative_loss

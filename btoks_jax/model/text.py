@@ -30,7 +30,8 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Linear(self.num_heads * h, d, use_bias=False, axes=("q_heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, static_mask):
+    def __call__(self, x, cos, sin, segment_ids, static_mask, masks=None):
+        """`masks`: `attention.block_masks(segment_ids, static_mask)` for the dense path, built here when None."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
@@ -41,8 +42,9 @@ class Attention(nnx.Module):
         if self.attention_impl == "splash":
             out = attention.splash_attention(q, k, v, segment_ids, static_mask, scale)
         else:
-            mask = attention.dense_mask(segment_ids, segment_ids, static_mask)  # [B, T, T]
-            out = attention.dense_attention(q, k, v, mask, scale)  # [B, T, N, H]
+            if masks is None:
+                masks = attention.block_masks(segment_ids, static_mask)
+            out = attention.blocked_dense_attention(q, k, v, masks, scale)  # [B, T, N, H]
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -67,8 +69,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = Mlp(cfg, **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, static_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, static_mask)
+    def __call__(self, x, cos, sin, segment_ids, static_mask, masks=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, static_mask, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -81,6 +83,7 @@ class TextModel(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.remat = remat
+        self.attention_impl = attention_impl
         self.embed_tokens = param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, cfg.hidden_size),
                                   param_dtype, ("vocab", "embed"))
         self.layers = nnx.List(
@@ -101,11 +104,13 @@ class TextModel(nnx.Module):
         if static_mask is None:
             static_mask = np.tril(np.ones((t, t), bool))
         cos, sin = mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section)
+        # The dense path's masks, once for all layers (the splash kernel takes the static mask itself).
+        masks = attention.block_masks(segment_ids, static_mask) if self.attention_impl != "splash" else None
         x = inputs_embeds
         for layer in self.layers:
             if self.remat:
-                x = nnx.remat(lambda lyr, h: lyr(h, cos, sin, segment_ids, static_mask))(layer, x)
+                x = nnx.remat(lambda lyr, h: lyr(h, cos, sin, segment_ids, static_mask, masks))(layer, x)
             else:
-                x = layer(x, cos, sin, segment_ids, static_mask)
+                x = layer(x, cos, sin, segment_ids, static_mask, masks)
             x = constrain(x, ("batch", "seq", "embed"))
         return self.norm(x)
