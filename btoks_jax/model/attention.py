@@ -2,7 +2,8 @@
 
 Both take the same description of who may attend to whom: per-token segment ids (a query attends
 only to keys of its own segment; padding is segment 0) and an optional static boolean block mask
-float[T, S] that already contains causality. `btoks_jax.btoks.mask` builds that static mask.
+bool[T, S] that already contains causality. `btoks_jax.mask` builds that static mask. The dense path
+runs the mask's row blocks (`row_blocks`) one by one, each against only the columns it may see.
 
 Legend: B batch, T query length, S key length, N query heads, K kv heads, G = N // K, H head dim.
 """
