@@ -2,7 +2,8 @@
 
 Both sides embed the same text inputs with the same weights, the way `btoks_jax.api.Embedder` does it: the inputs
 packed by `btoks_jax.inputs.pack` into a query region as wide as the Embedder makes it (`api.query_width`, left
-padded), then one jitted `model.pool(model.forward(x, layout), layout, pooling)`. BToks pooling adds K = 4 columns
+padded), then one jitted `model(x, layout, pooling=pooling)` (whose last layer computes only the columns the pooling
+reads: the BToks, or the last input token). BToks pooling adds K = 4 columns
 (the mean of their final states is the embedding); last-token pooling (K = 0, VLM2Vec's EOS pooling) reads the last
 input column. Two kinds of input per length L, each embedded by both sides:
   "room": rows of L - K tokens, which leave room for the BToks in the L-column bucket (every length of a bucket
@@ -92,8 +93,7 @@ def main(args: argparse.Namespace) -> int:
                 packed = pack(hf, cfg, num_btoks=num_btoks, query_len=query_width(case_ids.shape[1], num_btoks))
                 layout = packed.layout
                 columns[name] = layout.query_len + layout.num_btoks
-                embed = jax.jit(lambda m, x, layout=layout, pooling=side: m.pool(m.forward(x, layout), layout,
-                                                                                   pooling))
+                embed = jax.jit(lambda m, x, layout=layout, pooling=side: m(x, layout, pooling=pooling)[0])
                 t0 = time.perf_counter()
                 compiled = embed.lower(model, packed.inputs).compile()
                 compile_s[name] = time.perf_counter() - t0

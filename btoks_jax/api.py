@@ -132,8 +132,7 @@ class Embedder:
         if key not in self._embed_fns:
             # Replicated output: in a multi-process run every process can then read all the embeddings.
             out = None if self.mesh is None else sharding.replicated(self.mesh)
-            self._embed_fns[key] = jax.jit(lambda m, x: m.pool(m.forward(x, layout), layout, pooling),
-                                           out_shardings=out)
+            self._embed_fns[key] = jax.jit(lambda m, x: m(x, layout, pooling=pooling)[0], out_shardings=out)
         return self._embed_fns[key]
 
     def _load_video(self, frames: Sequence[str]):
@@ -288,7 +287,7 @@ class Embedder:
             key = ("generate", layout, mask_mode)
             if key not in self._embed_fns:
                 self._embed_fns[key] = jax.jit(lambda m, x: jnp.argmax(m.target_logits(
-                    m.forward(x, layout, mask_mode=mask_mode)[:, layout.target_slice]), axis=-1))
+                    m.forward(x, layout, mask_mode=mask_mode, start=layout.target_slice.start)), axis=-1))
             ids = np.array(packed.inputs.input_ids)
             t0 = layout.query_len + layout.num_btoks
             generated = np.full((ids.shape[0], max_new_tokens), IM_END_ID, ids.dtype)

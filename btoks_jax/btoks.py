@@ -67,32 +67,36 @@ class BToksModel(nnx.Module):
                                         eager_sharding=False) if num_btoks else None)
 
     def forward(self, inputs: ModelInputs, layout: Layout, *, mask_mode: str = "condensation",
-                vision_features: jax.Array | None = None):
-        """Final hidden states float[B, L, D] of a packed `[Q | B | T]` batch; `vision_features` the batch's
-        `backbone.vision_features` when they were computed before (default: the vision tower runs)."""
+                vision_features: jax.Array | None = None, start: int = 0):
+        """Final hidden states float[B, L - start, D] of columns `start..` of a packed `[Q | B | T]` batch;
+        `vision_features` the batch's `backbone.vision_features` when they were computed before (default: the
+        vision tower runs). `start = read_start(layout, pooling)` returns what pooling and the target region
+        read, and spares the last layer the work of the other columns."""
         backbone = self.backbone
         embeds = backbone.embed_inputs(inputs, vision_features)  # [B, L, D]
         if self.num_btoks:
             btoks = jnp.broadcast_to(self.btoks.value.astype(embeds.dtype)[None], (embeds.shape[0],) + self.btoks.shape)
             embeds = embeds.at[:, layout.btok_slice].set(btoks)
-        return backbone.decode(embeds, inputs, static_mask(layout, mask_mode))
+        return backbone.decode(embeds, inputs, static_mask(layout, mask_mode), start)
 
     def __call__(self, inputs: ModelInputs, layout: Layout, *, pooling: str = "btoks",
                  mask_mode: str = "condensation", target_logits: bool = False,
                  vision_features: jax.Array | None = None):
         """Returns (embeddings float32[B, D], L2-normalised; target-region logits float[B, Lt, V] or None)."""
-        hidden = self.forward(inputs, layout, mask_mode=mask_mode, vision_features=vision_features)
-        emb = self.pool(hidden, layout, pooling)
+        start = read_start(layout, pooling)
+        hidden = self.forward(inputs, layout, mask_mode=mask_mode, vision_features=vision_features, start=start)
+        emb = self.pool(hidden, layout, pooling, start)
         logits = None
         if target_logits and layout.target_len:
-            logits = self.target_logits(hidden[:, layout.target_slice])
+            logits = self.target_logits(hidden[:, _shift(layout.target_slice, start)])
         return emb, logits
 
-    def pool(self, hidden: jax.Array, layout: Layout, pooling: str = "btoks") -> jax.Array:
-        """float32[B, D] L2-normalised: `pool`, or with a head, the head over the BToks' final states."""
+    def pool(self, hidden: jax.Array, layout: Layout, pooling: str = "btoks", start: int = 0) -> jax.Array:
+        """float32[B, D] L2-normalised: `pool`, or with a head, the head over the BToks' final states. `hidden`
+        holds columns `start..` (`forward(..., start=start)`)."""
         if self.head is None or pooling != "btoks":
-            return pool(hidden, layout, pooling)
-        return _normalise(self.head(hidden[:, layout.btok_slice]))
+            return pool(hidden, layout, pooling, start)
+        return _normalise(self.head(hidden[:, _shift(layout.btok_slice, start)]))
 
     def target_logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, Lt, V]. With a tied head the BTok vectors are also the `<|btok_i|>` output rows,
@@ -112,8 +116,23 @@ class BToksModel(nnx.Module):
         return logits.at[..., np.asarray(self.btok_ids)].set(jnp.einsum("btd,kd->btk", hidden, btoks))
 
 
-def pool(hidden: jax.Array, layout: Layout, pooling: str = "btoks") -> jax.Array:
-    """float32[B, D] L2-normalised: the mean of the BToks' final states, or the last input token's.
+def read_start(layout: Layout, pooling: str = "btoks") -> int:
+    """The first column whose final state `pool` or the target region reads: the first BTok's (the BToks and
+    the target region follow it), or the last input token's for `last` pooling."""
+    if pooling == "btoks" and layout.num_btoks == 0:
+        raise ValueError("btoks pooling needs num_btoks > 0; use pooling='last' for K = 0")
+    if pooling not in ("btoks", "last"):
+        raise ValueError(f"unknown pooling {pooling!r}; choose 'btoks' or 'last'")
+    return layout.query_len + layout.num_btoks - 1 if pooling == "last" else layout.query_len
+
+
+def _shift(cols: slice, start: int) -> slice:
+    return slice(cols.start - start, cols.stop - start)
+
+
+def pool(hidden: jax.Array, layout: Layout, pooling: str = "btoks", start: int = 0) -> jax.Array:
+    """float32[B, D] L2-normalised: the mean of the BToks' final states, or the last input token's. `hidden`
+    holds columns `start..` of the layout (0: all of them).
 
     With the left-padded query region the last input token (the BToks' predecessor) is always the
     column just before the BToks, so `last` pooling over a K = 0 layout is VLM2Vec's EOS pooling.
@@ -121,9 +140,9 @@ def pool(hidden: jax.Array, layout: Layout, pooling: str = "btoks") -> jax.Array
     if pooling == "btoks":
         if layout.num_btoks == 0:
             raise ValueError("btoks pooling needs num_btoks > 0; use pooling='last' for K = 0")
-        vec = hidden[:, layout.btok_slice].astype(jnp.float32).mean(axis=1)
+        vec = hidden[:, _shift(layout.btok_slice, start)].astype(jnp.float32).mean(axis=1)
     elif pooling == "last":
-        vec = hidden[:, layout.query_len + layout.num_btoks - 1].astype(jnp.float32)
+        vec = hidden[:, layout.query_len + layout.num_btoks - 1 - start].astype(jnp.float32)
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose 'btoks' or 'last'")
     return _normalise(vec)

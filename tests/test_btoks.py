@@ -230,6 +230,46 @@ def test_pooling_last_is_eos_pooling(models):
         pool(hidden, packed.layout, "btoks")
 
 
+# The splash kernel interprets slowly on CPU: one mask and one start for it.
+@pytest.mark.parametrize("attention_impl,mode,remat", [("dense", "condensation", False), ("dense", "full", True),
+                                                       ("splash", "condensation", True)])
+def test_the_last_layer_computes_only_the_columns_read(attention_impl, mode, remat):
+    """`forward(start=s)` is `forward()[:, s:]`, values and gradients: the earlier columns enter the last layer
+    only through its keys and values. With `read_start` the step reads the BToks and the target region."""
+    from btoks_jax.btoks import read_start
+
+    cfg = tiny_config(attention_impl=attention_impl, remat=remat)
+    model = BToksModel(cfg, K, rngs=nnx.Rngs(3))
+    batch = H.make_batch([[11, 12, 13, 14, 15, 16, 17], [21, 22, 23]], "left")
+    targets = [_target([1000, 2000, 3000]), _target([4000])]
+    packed = pack(batch, cfg, num_btoks=K, query_len=8, targets=targets, target_len=8)
+    layout = packed.layout
+    assert read_start(layout) == 8 and read_start(layout, "last") == 11
+    graphdef, state = nnx.split(model)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((2, layout.length, CFG.text_config.hidden_size)),
+                          jnp.float32)
+
+    starts = (read_start(layout), read_start(layout, "last"), layout.target_slice.start, 1)
+    for start in starts if attention_impl == "dense" else starts[:1]:
+        def loss(st, start=start):
+            hidden = nnx.merge(graphdef, st).forward(packed.inputs, layout, mask_mode=mode, start=start)
+            return jnp.sum(hidden * weights[:, start:]), hidden
+
+        def full(st, start=start):
+            hidden = nnx.merge(graphdef, st).forward(packed.inputs, layout, mask_mode=mode)[:, start:]
+            return jnp.sum(hidden * weights[:, start:]), hidden
+
+        (_, got), g_got = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+        (_, want), g_want = jax.jit(jax.value_and_grad(full, has_aux=True))(state)
+        assert got.shape == (2, layout.length - start, cfg.text_config.hidden_size)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_want)):
+            # float32 sums in another order: differences at 1e-7 of the gradient's largest entry
+            assert np.abs(a - b).max() <= 1e-6 * np.abs(b).max(), jax.tree_util.keystr(path)
+    with pytest.raises(ValueError, match="not a column"):
+        model.forward(packed.inputs, layout, start=layout.length)
+
+
 def _np_info_nce(q, p, tau, symmetric=False):
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     p = p / np.linalg.norm(p, axis=1, keepdims=True)

@@ -66,6 +66,14 @@ def block_masks(segment_ids: jax.Array, static_mask: np.ndarray) -> tuple[Block,
                  for r0, r1, c0, c1 in row_blocks(static_mask))
 
 
+def blocks_from(masks: tuple[Block, ...], start: int) -> tuple[Block, ...]:
+    """The blocks of `masks` for the query rows `start..` alone, their row ranges counted from `start`: what
+    `blocked_dense_attention` needs when only those rows' outputs are wanted (q holds rows `start..`, k and v
+    every column)."""
+    return tuple(((max(r0, start) - start, r1 - start, c0, c1), mask[:, max(r0, start) - r0:])
+                 for (r0, r1, c0, c1), mask in masks if r1 > start)
+
+
 def blocked_dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, masks: tuple[Block, ...],
                             scale: float) -> jax.Array:
     """`dense_attention` under `dense_mask(segment_ids, segment_ids, static_mask)`, computed block by block from

@@ -52,9 +52,11 @@ class Qwen2VL(nnx.Module):
         placed = jnp.take_along_axis(features, index[..., None], axis=1)  # [B, T, D]
         return jnp.where((inputs.vision_index >= 0)[..., None], placed.astype(embeds.dtype), embeds)
 
-    def decode(self, inputs_embeds: jax.Array, inputs: ModelInputs, static_mask: np.ndarray | None = None):
-        """Final (post-norm) hidden states float[B, T, D] for given input embeddings."""
-        return self.model(inputs_embeds, inputs.positions, inputs.segment_ids, static_mask)
+    def decode(self, inputs_embeds: jax.Array, inputs: ModelInputs, static_mask: np.ndarray | None = None,
+               start: int = 0):
+        """Final (post-norm) hidden states float[B, T - start, D] of columns `start..` for given input embeddings
+        (`TextModel.__call__`)."""
+        return self.model(inputs_embeds, inputs.positions, inputs.segment_ids, static_mask, start)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float[B, T, V]; with tied embeddings the head is the embedding matrix."""

@@ -30,22 +30,27 @@ class Attention(nnx.Module):
         self.v_proj = Linear(d, self.num_kv_heads * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Linear(self.num_heads * h, d, use_bias=False, axes=("q_heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, static_mask, masks=None):
-        """`masks`: `attention.block_masks(segment_ids, static_mask)` for the dense path, built here when None."""
+    def __call__(self, x, cos, sin, segment_ids, static_mask, masks=None, start: int = 0):
+        """`masks`: `attention.block_masks(segment_ids, static_mask)` for the dense path, built here when None.
+        `start`: the output holds query rows `start..` only (keys and values still come from every column)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
-        q = apply_rotary(q, cos.astype(q.dtype), sin.astype(q.dtype))
         k = apply_rotary(k, cos.astype(k.dtype), sin.astype(k.dtype))
         scale = self.head_dim**-0.5
-        if self.attention_impl == "splash":
-            out = attention.splash_attention(q, k, v, segment_ids, static_mask, scale)
+        if self.attention_impl == "splash":  # the kernel's query and key lengths are one: rows are cut after it
+            q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
+            q = apply_rotary(q, cos.astype(q.dtype), sin.astype(q.dtype))
+            out = attention.splash_attention(q, k, v, segment_ids, static_mask, scale)[:, start:]
         else:
             if masks is None:
                 masks = attention.block_masks(segment_ids, static_mask)
-            out = attention.blocked_dense_attention(q, k, v, masks, scale)  # [B, T, N, H]
-        return self.o_proj(out.reshape(b, t, -1))
+            if start:
+                masks = attention.blocks_from(masks, start)
+            q = self.q_proj(x[:, start:]).reshape(b, t - start, self.num_heads, self.head_dim)  # [B, T', N, H]
+            q = apply_rotary(q, cos[:, start:].astype(q.dtype), sin[:, start:].astype(q.dtype))
+            out = attention.blocked_dense_attention(q, k, v, masks, scale)  # [B, T', N, H]
+        return self.o_proj(out.reshape(b, t - start, -1))
 
 
 class Mlp(nnx.Module):
@@ -69,8 +74,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = Mlp(cfg, **kw)
 
-    def __call__(self, x, cos, sin, segment_ids, static_mask, masks=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, static_mask, masks)
+    def __call__(self, x, cos, sin, segment_ids, static_mask, masks=None, start: int = 0):
+        """The layer's output for columns `start..` (every column's keys and values enter its attention)."""
+        x = x[:, start:] + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, static_mask, masks, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -94,23 +100,30 @@ class TextModel(nnx.Module):
         return jnp.take(self.embed_tokens.value, input_ids, axis=0).astype(self.dtype)  # [B, T, D]
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, segment_ids: jax.Array,
-                 static_mask: np.ndarray | None) -> jax.Array:
+                 static_mask: np.ndarray | None, start: int = 0) -> jax.Array:
         """inputs_embeds float[B, T, D], positions int[3, B, T], segment_ids int[B, T] (0 = padding),
         static_mask bool[T, T] (numpy, causal included) or None for plain causal.
 
-        Returns the final (post-norm) hidden states float[B, T, D].
+        Returns the final (post-norm) hidden states float[B, T - start, D] of columns `start..`. The earlier
+        columns reach those only through the last layer's keys and values, so with `start` > 0 the last layer
+        computes queries, attention output, MLP and norm for columns `start..` alone (the same values).
         """
         t = inputs_embeds.shape[1]
+        if not 0 <= start < t:
+            raise ValueError(f"start {start} is not a column of the {t}-column sequence")
         if static_mask is None:
             static_mask = np.tril(np.ones((t, t), bool))
         cos, sin = mrope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section)
         # The dense path's masks, once for all layers (the splash kernel takes the static mask itself).
         masks = attention.block_masks(segment_ids, static_mask) if self.attention_impl != "splash" else None
         x = inputs_embeds
-        for layer in self.layers:
-            if self.remat:
-                x = nnx.remat(lambda lyr, h: lyr(h, cos, sin, segment_ids, static_mask, masks))(layer, x)
-            else:
-                x = layer(x, cos, sin, segment_ids, static_mask, masks)
+
+        def run(s):  # a closure: `s` stays a Python int under remat
+            return lambda lyr, h: lyr(h, cos, sin, segment_ids, static_mask, masks, s)
+
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            fn = run(start if i == last else 0)
+            x = nnx.remat(fn)(layer, x) if self.remat else fn(layer, x)
             x = constrain(x, ("batch", "seq", "embed"))
         return self.norm(x)
