@@ -83,13 +83,17 @@ class BToksModel(nnx.Module):
                  mask_mode: str = "condensation", target_logits: bool = False,
                  vision_features: jax.Array | None = None):
         """Returns (embeddings float32[B, D], L2-normalised; target-region logits float[B, Lt, V] or None)."""
+        emb, target = self.embed_and_target(inputs, layout, pooling=pooling, mask_mode=mask_mode,
+                                            vision_features=vision_features)
+        return emb, (self.target_logits(target) if target_logits and layout.target_len else None)
+
+    def embed_and_target(self, inputs: ModelInputs, layout: Layout, *, pooling: str = "btoks",
+                         mask_mode: str = "condensation", vision_features: jax.Array | None = None):
+        """(embeddings float32[B, D], L2-normalised; the target region's final hidden states float[B, Lt, D]),
+        from one forward pass over the columns from `read_start(layout, pooling)` on."""
         start = read_start(layout, pooling)
         hidden = self.forward(inputs, layout, mask_mode=mask_mode, vision_features=vision_features, start=start)
-        emb = self.pool(hidden, layout, pooling, start)
-        logits = None
-        if target_logits and layout.target_len:
-            logits = self.target_logits(hidden[:, _shift(layout.target_slice, start)])
-        return emb, logits
+        return self.pool(hidden, layout, pooling, start), hidden[:, _shift(layout.target_slice, start)]
 
     def pool(self, hidden: jax.Array, layout: Layout, pooling: str = "btoks", start: int = 0) -> jax.Array:
         """float32[B, D] L2-normalised: `pool`, or with a head, the head over the BToks' final states. `hidden`
@@ -119,11 +123,15 @@ class BToksModel(nnx.Module):
 def read_start(layout: Layout, pooling: str = "btoks") -> int:
     """The first column whose final state `pool` or the target region reads: the first BTok's (the BToks and
     the target region follow it), or the last input token's for `last` pooling."""
+    _check_pooling(layout, pooling)
+    return layout.query_len + layout.num_btoks - 1 if pooling == "last" else layout.query_len
+
+
+def _check_pooling(layout: Layout, pooling: str) -> None:
     if pooling == "btoks" and layout.num_btoks == 0:
         raise ValueError("btoks pooling needs num_btoks > 0; use pooling='last' for K = 0")
     if pooling not in ("btoks", "last"):
         raise ValueError(f"unknown pooling {pooling!r}; choose 'btoks' or 'last'")
-    return layout.query_len + layout.num_btoks - 1 if pooling == "last" else layout.query_len
 
 
 def _shift(cols: slice, start: int) -> slice:
@@ -137,14 +145,11 @@ def pool(hidden: jax.Array, layout: Layout, pooling: str = "btoks", start: int =
     With the left-padded query region the last input token (the BToks' predecessor) is always the
     column just before the BToks, so `last` pooling over a K = 0 layout is VLM2Vec's EOS pooling.
     """
+    _check_pooling(layout, pooling)
     if pooling == "btoks":
-        if layout.num_btoks == 0:
-            raise ValueError("btoks pooling needs num_btoks > 0; use pooling='last' for K = 0")
         vec = hidden[:, _shift(layout.btok_slice, start)].astype(jnp.float32).mean(axis=1)
-    elif pooling == "last":
-        vec = hidden[:, layout.query_len + layout.num_btoks - 1 - start].astype(jnp.float32)
     else:
-        raise ValueError(f"unknown pooling {pooling!r}; choose 'btoks' or 'last'")
+        vec = hidden[:, layout.query_len + layout.num_btoks - 1 - start].astype(jnp.float32)
     return _normalise(vec)
 
 

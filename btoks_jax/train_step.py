@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from btoks_jax import losses, sharding
-from btoks_jax.btoks import BTokParam, read_start
+from btoks_jax.btoks import BTokParam
 from btoks_jax.head import HeadParam
 from btoks_jax.inputs import batch_axis
 from btoks_jax.lora import LoRAParam
@@ -124,10 +124,9 @@ def _side(model, side, layout: Layout, cfg: StepConfig, logits: bool, features=N
     if not cfg.ntp_logits_chunk:
         return model(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode, target_logits=logits,
                      vision_features=features)
-    start = read_start(layout, cfg.pooling)
-    hidden = model.forward(side["inputs"], layout, mask_mode=cfg.mask_mode, vision_features=features, start=start)
-    target = hidden[:, layout.target_slice.start - start:] if logits and layout.target_len else None
-    return model.pool(hidden, layout, cfg.pooling, start), target
+    emb, target = model.embed_and_target(side["inputs"], layout, pooling=cfg.pooling, mask_mode=cfg.mask_mode,
+                                         vision_features=features)
+    return emb, (target if logits and layout.target_len else None)
 
 
 def _ntp_sum(model, out, side, weights, cfg: StepConfig):

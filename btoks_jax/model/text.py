@@ -34,22 +34,22 @@ class Attention(nnx.Module):
         """`masks`: `attention.block_masks(segment_ids, static_mask)` for the dense path, built here when None.
         `start`: the output holds query rows `start..` only (keys and values still come from every column)."""
         b, t, _ = x.shape
+        # The splash kernel's query and key lengths are one: it takes every row, and its output rows are cut.
+        rows = 0 if self.attention_impl == "splash" else start
+        q = self.q_proj(x[:, rows:]).reshape(b, t - rows, self.num_heads, self.head_dim)  # [B, T', N, H]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        q = apply_rotary(q, cos[:, rows:].astype(q.dtype), sin[:, rows:].astype(q.dtype))
         k = apply_rotary(k, cos.astype(k.dtype), sin.astype(k.dtype))
         scale = self.head_dim**-0.5
-        if self.attention_impl == "splash":  # the kernel's query and key lengths are one: rows are cut after it
-            q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
-            q = apply_rotary(q, cos.astype(q.dtype), sin.astype(q.dtype))
+        if self.attention_impl == "splash":
             out = attention.splash_attention(q, k, v, segment_ids, static_mask, scale)[:, start:]
         else:
             if masks is None:
                 masks = attention.block_masks(segment_ids, static_mask)
             if start:
                 masks = attention.blocks_from(masks, start)
-            q = self.q_proj(x[:, start:]).reshape(b, t - start, self.num_heads, self.head_dim)  # [B, T', N, H]
-            q = apply_rotary(q, cos[:, start:].astype(q.dtype), sin[:, start:].astype(q.dtype))
-            out = attention.blocked_dense_attention(q, k, v, masks, scale)  # [B, T', N, H]
+            out = attention.blocked_dense_attention(q, k, v, masks, scale)  # [B, T - start, N, H]
         return self.o_proj(out.reshape(b, t - start, -1))
 
 
